@@ -1,0 +1,16 @@
+"""musicgen_lite: MusicGen-style music generation from text and hummed melodies."""
+
+from .api import GenerationResult, generate, generate_continuation
+from .checkpoints import load_model
+from .lm import LMConfig, TransformerLM
+from .model import MusicGen
+
+__all__ = [
+    "GenerationResult",
+    "LMConfig",
+    "MusicGen",
+    "TransformerLM",
+    "generate",
+    "generate_continuation",
+    "load_model",
+]

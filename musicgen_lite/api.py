@@ -1,0 +1,217 @@
+"""The public entry points: `generate`, `generate_continuation` and their `GenerationResult`.
+
+Every argument is checked before any work starts, so bad input costs nothing and writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from conditioning.chroma import load_melody
+
+from .checkpoints import load_default_model, load_model
+from .model import MusicGen
+from .sampling import SamplingParams
+
+MAX_DURATION = 600.0  # seconds; beyond this a request is almost certainly a mistake
+
+
+@dataclass
+class GenerationResult:
+    audio: np.ndarray  # [B, channels, samples] float32
+    sample_rate: int
+    tokens: np.ndarray  # [B, K, frames] int64
+    texts: list[str]
+
+    def save(self, path: str | Path) -> list[Path]:
+        """Write WAV file(s): `path` for one output, `stem_0.wav`, `stem_1.wav`, ... for a batch."""
+        path = Path(path)
+        if path.suffix.lower() != ".wav":
+            raise ValueError(f"output path must end in .wav, got {path.name}")
+        paths = [path] if len(self.audio) == 1 else [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(len(self.audio))]
+        for p, audio in zip(paths, self.audio):
+            write_wav(p, audio, self.sample_rate)
+        return paths
+
+
+def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
+    """[channels, samples] float -> 16-bit WAV, written to a temporary file and renamed into place."""
+    check_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        sf.write(tmp, np.clip(audio.T, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_writable(path: str | Path) -> None:
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"output path {path} is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"output directory {parent} is not writable")
+
+
+@lru_cache(maxsize=2)
+def _cached_model(key: str) -> MusicGen:
+    return load_default_model() if key == "" else load_model(key)
+
+
+def get_model(model: MusicGen | str | Path | None) -> MusicGen:
+    """A model object, a path / hub id (loaded once and cached), or None for the bundled default."""
+    if isinstance(model, MusicGen):
+        return model
+    if model is None:
+        return _cached_model("")
+    if isinstance(model, (str, Path)):
+        return _cached_model(str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else str(model))
+    raise ValueError(f"model must be a MusicGen, a path or None, got {type(model).__name__}")
+
+
+def _texts(text) -> list[str]:
+    items = [text] if isinstance(text, str) else text
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ValueError("text must be a non-empty string or a non-empty list of strings")
+    for t in items:
+        if not isinstance(t, str):
+            raise ValueError(f"text items must be strings, got {type(t).__name__}")
+        if not t.strip():
+            raise ValueError("text is empty")
+    return [t.strip() for t in items]
+
+
+def _duration(duration) -> float:
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not np.isfinite(duration):
+        raise ValueError(f"duration must be a number of seconds, got {duration!r}")
+    if duration <= 0:
+        raise ValueError(f"duration must be > 0 seconds, got {duration}")
+    if duration > MAX_DURATION:
+        raise ValueError(f"duration {duration} s is beyond the {MAX_DURATION:.0f} s limit")
+    return float(duration)
+
+
+def _broadcast(texts: list[str], items: list, what: str) -> tuple[list[str], list]:
+    if len(items) == len(texts):
+        return texts, items
+    if len(texts) == 1:
+        return texts * len(items), items
+    if len(items) == 1:
+        return texts, items * len(texts)
+    raise ValueError(f"got {len(texts)} texts and {len(items)} {what}; give one, or one per text")
+
+
+def _generators(seed, batch: int) -> list[torch.Generator]:
+    """Row i draws from seed + i, so row 0 of a batch equals a single call with the same seed."""
+    if seed is None:
+        seed = secrets.randbits(62)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    return [torch.Generator().manual_seed(int(seed) + i) for i in range(batch)]
+
+
+def _result(model: MusicGen, tokens: torch.Tensor, texts: list[str]) -> GenerationResult:
+    with torch.no_grad():
+        audio = model.codec.decode(tokens)
+    return GenerationResult(
+        audio=audio.float().cpu().numpy().astype(np.float32),
+        sample_rate=model.sample_rate,
+        tokens=tokens.cpu().numpy().astype(np.int64),
+        texts=texts,
+    )
+
+
+def generate(
+    text: str | list[str],
+    *,
+    melody=None,
+    melody_sample_rate: int | None = None,
+    duration: float = 10.0,
+    model: MusicGen | str | Path | None = None,
+    top_k: int = 250,
+    top_p: float = 0.0,
+    temperature: float = 1.0,
+    cfg_coef: float = 3.0,
+    seed: int | None = None,
+    progress: bool = False,
+) -> GenerationResult:
+    """Music from text, optionally following a melody (path, waveform with `melody_sample_rate`, or a list).
+
+    frames = round(duration * frame_rate); the audio has frames * hop samples. top_k=1 is greedy.
+    """
+    texts = _texts(text)
+    duration = _duration(duration)
+    params = SamplingParams(top_k=top_k, top_p=top_p, temperature=temperature, cfg_coef=cfg_coef)
+    melodies = None
+    if melody is not None:
+        items = list(melody) if isinstance(melody, (list, tuple)) else [melody]
+        if not items:
+            raise ValueError("melody list is empty")
+        texts, items = _broadcast(texts, items, "melodies")
+        melodies = items
+    generators = _generators(seed, len(texts))
+    lm_model = get_model(model)
+    features = None
+    if melodies is not None:
+        if not lm_model.has_melody:
+            raise ValueError("this model has no melody conditioning; use a MusicGen-Melody-style model")
+        rate = lm_model.chroma.extractor.sample_rate
+        wavs = [load_melody(m, melody_sample_rate, rate) for m in melodies]
+        features = lm_model.melody_features(wavs)
+    frames = max(1, round(duration * lm_model.frame_rate))
+    tokens = lm_model.generate_tokens(texts, frames, params, generators, melody=features, progress=progress)
+    return _result(lm_model, tokens, texts)
+
+
+def generate_continuation(
+    prompt_audio,
+    prompt_sample_rate: int,
+    *,
+    text: str | list[str],
+    duration: float = 10.0,
+    model: MusicGen | str | Path | None = None,
+    top_k: int = 250,
+    top_p: float = 0.0,
+    temperature: float = 1.0,
+    cfg_coef: float = 3.0,
+    seed: int | None = None,
+    progress: bool = False,
+) -> GenerationResult:
+    """Continue `prompt_audio` ([samples], [channels, samples] or [B, channels, samples]) to `duration`
+    seconds in total; the result starts with the (re-encoded) prompt."""
+    texts = _texts(text)
+    duration = _duration(duration)
+    params = SamplingParams(top_k=top_k, top_p=top_p, temperature=temperature, cfg_coef=cfg_coef)
+    if isinstance(prompt_sample_rate, bool) or not isinstance(prompt_sample_rate, int) or prompt_sample_rate <= 0:
+        raise ValueError(f"prompt_sample_rate must be a positive integer, got {prompt_sample_rate!r}")
+    wav = torch.as_tensor(np.asarray(prompt_audio, dtype=np.float32)) if not torch.is_tensor(prompt_audio) else prompt_audio.float()
+    if wav.dim() == 1:
+        wav = wav[None, None]
+    elif wav.dim() == 2:
+        wav = wav[None]
+    if wav.dim() != 3 or wav.shape[-1] == 0:
+        raise ValueError(f"prompt_audio must be [samples], [channels, samples] or [B, channels, samples], got {tuple(wav.shape)}")
+    texts, rows = _broadcast(texts, list(wav), "prompts")
+    wav = torch.stack(rows)
+    lm_model = get_model(model)
+    prompt = lm_model.codec.encode(wav, prompt_sample_rate)  # [B, K, P]
+    frames = max(1, round(duration * lm_model.frame_rate))
+    if prompt.shape[-1] >= frames:
+        raise ValueError(f"the prompt ({prompt.shape[-1] / lm_model.frame_rate:.2f} s) is not shorter than duration {duration} s")
+    generators = _generators(seed, len(texts))
+    tokens = lm_model.generate_tokens(texts, frames, params, generators, prompt=prompt, progress=progress)
+    return _result(lm_model, tokens, texts)

@@ -1,0 +1,132 @@
+"""The sampling loop: one decoder step per pattern step, classifier-free guidance, top-k / top-p.
+
+Each step feeds the previous step's K tokens through the KV cache, mixes conditional and null
+logits (`uncond + (cond - uncond) * cfg_coef`, the two halves of one batch), samples one token
+per codebook and writes it where the pattern has a free slot; slots the pattern leaves empty
+keep the special token and prompt slots keep the prompt. Randomness comes from one seeded
+`torch.Generator` per batch row, so a row's tokens depend on its seed, not on its neighbours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from codebooks.patterns import CodebookPattern
+
+from .lm import LMConditions, TransformerLM
+
+
+@dataclass
+class SamplingParams:
+    top_k: int = 250
+    top_p: float = 0.0
+    temperature: float = 1.0
+    cfg_coef: float = 3.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"top_k must be an integer >= 1, got {self.top_k!r}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if not self.cfg_coef >= 0:
+            raise ValueError(f"cfg_coef must be >= 0, got {self.cfg_coef!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1 and self.top_p == 0.0
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_coef != 1.0
+
+
+def classifier_free_guidance(logits: Tensor, cfg_coef: float) -> Tensor:
+    """[2B, ...] logits, conditional rows first -> [B, ...] guided logits."""
+    cond, uncond = logits.chunk(2, dim=0)
+    return uncond + (cond - uncond) * cfg_coef
+
+
+def _pick(sorted_probs: Tensor, sorted_idx: Tensor, u: Tensor) -> Tensor:
+    """Inverse-CDF draw from [..., n] descending probabilities with uniforms u [...]."""
+    cdf = sorted_probs.cumsum(-1)
+    cdf = cdf / cdf[..., -1:]
+    choice = torch.searchsorted(cdf, u[..., None].to(cdf.dtype)).clamp_(max=cdf.shape[-1] - 1)
+    return sorted_idx.gather(-1, choice)[..., 0]
+
+
+def sample_top_k(probs: Tensor, k: int, u: Tensor) -> Tensor:
+    """Sample among the k most likely codes. probs [..., V], uniforms u [...] -> ids [...]."""
+    top, idx = probs.topk(min(k, probs.shape[-1]), dim=-1)
+    return _pick(top, idx, u)
+
+
+def sample_top_p(probs: Tensor, p: float, u: Tensor) -> Tensor:
+    """Nucleus sampling: the smallest set of codes whose mass reaches p (always at least one)."""
+    sorted_probs, idx = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs > p
+    return _pick(sorted_probs.masked_fill(outside, 0.0), idx, u)
+
+
+def sample_next(logits: Tensor, params: SamplingParams, u: Tensor) -> Tensor:
+    """[..., V] guided logits -> [...] codes. top_k=1 (with top_p=0) is greedy; top_p > 0 wins over top_k."""
+    if params.greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p > 0.0:
+        return sample_top_p(probs, params.top_p, u)
+    return sample_top_k(probs, params.top_k, u)
+
+
+@torch.no_grad()
+def generate_tokens(
+    lm: TransformerLM,
+    pattern: CodebookPattern,
+    conditions: LMConditions,
+    frames: int,
+    params: SamplingParams,
+    generators: list[torch.Generator],
+    prompt: Tensor | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Sample [B, K, frames] codes. `conditions` holds B rows, or 2B when params.guided (the null
+    rows after the conditional ones). `prompt` [B, K, P] fixes the first P frames (P <= frames)."""
+    batch, cfg = len(generators), lm.cfg
+    k_books, special = cfg.num_codebooks, cfg.special_token
+    device = lm.heads.weight.device
+    steps = pattern.num_steps(frames)
+    where = pattern.step_index(frames).to(device)  # [K, T] step of each code
+    seq = torch.full((batch, k_books, steps), special, dtype=torch.long, device=device)
+    free = pattern.slot_mask(frames).to(device).clone()  # [K, S] slots the loop must fill
+    if prompt is not None:
+        p = prompt.shape[-1]
+        seq.scatter_(2, where[None, :, :p].expand(batch, -1, -1), prompt.to(device))
+        free.scatter_(1, where[:, :p], False)
+    todo = free.any(0).nonzero()
+    if len(todo) == 0:
+        return pattern.revert(seq, frames)
+    first = int(todo[0])  # the first step with a slot to sample; steps before it are known
+
+    rows = 2 * batch if params.guided else batch
+    if conditions.rows != rows:
+        raise ValueError(f"conditions have {conditions.rows} rows, expected {rows}")
+    cache = lm.new_cache(conditions, steps)
+    tokens = seq[:, :, :first]
+    bar = tqdm(total=steps - first, disable=not progress, desc="generating", unit="step")
+    for s in range(first, steps):
+        inputs = torch.cat([tokens, tokens]) if params.guided else tokens
+        logits = lm.step(inputs, cache, conditions)  # [rows, K, card]
+        if params.guided:
+            logits = classifier_free_guidance(logits, params.cfg_coef)
+        u = torch.stack([torch.rand(k_books, generator=g) for g in generators]).to(device)  # [B, K]
+        sampled = sample_next(logits, params, u)  # [B, K]
+        seq[:, :, s] = torch.where(free[:, s], sampled, seq[:, :, s])
+        tokens = seq[:, :, s : s + 1]
+        bar.update(1)
+    bar.close()
+    return pattern.revert(seq, frames)
