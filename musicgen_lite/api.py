@@ -162,6 +162,9 @@ def generate(
         if not items:
             raise ValueError("melody list is empty")
         texts, items = _broadcast(texts, items, "melodies")
+        for m in items:
+            if isinstance(m, (str, Path)) and not Path(m).is_file():
+                raise FileNotFoundError(f"melody file {m} does not exist")
         melodies = items
     generators = _generators(seed, len(texts))
     lm_model = get_model(model)
