@@ -168,15 +168,14 @@ def generate(
         melodies = items
     generators = _generators(seed, len(texts))
     lm_model = get_model(model)
-    features = None
+    wavs = None
     if melodies is not None:
         if not lm_model.has_melody:
             raise ValueError("this model has no melody conditioning; use a MusicGen-Melody-style model")
         rate = lm_model.chroma.extractor.sample_rate
         wavs = [load_melody(m, melody_sample_rate, rate) for m in melodies]
-        features = lm_model.melody_features(wavs)
     frames = max(1, round(duration * lm_model.frame_rate))
-    tokens = lm_model.generate_tokens(texts, frames, params, generators, melody=features, progress=progress)
+    tokens = lm_model.generate_tokens(texts, frames, params, generators, melody=wavs, progress=progress)
     return _result(lm_model, tokens, texts)
 
 

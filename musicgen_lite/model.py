@@ -88,20 +88,19 @@ class MusicGen(nn.Module):
             parts.insert(0, self.chroma(feats))  # [N, chroma_length, D]
         return LMConditions(prefix=torch.cat(parts, dim=1))
 
-    def melody_features(self, wavs: list[Tensor | None]) -> Tensor:
-        """Mono waveforms at the chroma rate (None = no melody for that row) -> one-hot [B, T, 12]."""
+    def melody_features(self, wavs: list[Tensor | None]) -> Tensor | None:
+        """Mono waveforms at the chroma rate (None = no melody for that row) -> one-hot [B, T, 12],
+        or None when no row has a melody."""
         if self.chroma is None:
             raise ValueError("this model has no melody conditioning; use a MusicGen-Melody-style model")
         given = [w for w in wavs if w is not None]
-        feats = self.chroma.features(given)
-        out, j = [], 0
-        for w in wavs:
-            if w is None:
-                out.append(self.chroma.null_features(1, feats.shape[1])[0])
-            else:
-                out.append(feats[j])
-                j += 1
-        return torch.stack(out)
+        if not given:
+            return None
+        feats = iter(self.chroma.features(given))  # [B', T, 12]
+        out = [next(feats) if w is not None else None for w in wavs]
+        ref = next(f for f in out if f is not None)
+        null = self.chroma.null_features(1, ref.shape[0], device=ref.device)[0]
+        return torch.stack([null if f is None else f for f in out])
 
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -111,12 +110,13 @@ class MusicGen(nn.Module):
         frames: int,
         params: SamplingParams,
         generators: list[torch.Generator],
-        melody: Tensor | None = None,
+        melody: list[Tensor | None] | None = None,
         prompt: Tensor | None = None,
         progress: bool = False,
     ) -> Tensor:
-        """[B, K, frames] codes for B texts; `melody` one-hot [B, T, 12] covering the output from
-        time 0 (tiled when shorter); `prompt` [B, K, P] codes that open the output."""
+        """[B, K, frames] codes for B texts; `melody` mono waveforms at the chroma rate (None = no
+        melody for that row), heard from time 0 and looped when shorter; `prompt` [B, K, P] codes
+        that open the output."""
         window = max(1, int(self.max_duration * self.frame_rate))
         if frames <= window:
             cond = self.conditions(texts, self._melody_window(melody, 0), params.guided)
@@ -133,15 +133,18 @@ class MusicGen(nn.Module):
             offset += stride
         return out
 
-    def _melody_window(self, melody: Tensor | None, frame_offset: int) -> Tensor | None:
-        """The chroma frames a window starting at token frame `frame_offset` sees (tiled melody)."""
-        if melody is None or self.chroma is None:
-            return melody
-        ex = self.chroma.extractor
-        start = round(frame_offset / self.frame_rate * ex.sample_rate / ex.hop_length)
-        need = start + self.chroma.chroma_length
-        reps = math.ceil(need / melody.shape[1])
-        return melody.repeat(1, reps, 1)[:, start:need] if start else melody
+    def _melody_window(self, wavs: list[Tensor | None] | None, frame_offset: int) -> Tensor | None:
+        """Chroma features for a window starting at token frame `frame_offset`. The first window
+        hears each melody whole (as transformers does); later ones hear `max_duration` seconds of
+        it from their own start time, looping the melody when it is shorter (as audiocraft does)."""
+        if wavs is None:
+            return None
+        if frame_offset:
+            rate = self.chroma.extractor.sample_rate
+            start, length = round(frame_offset / self.frame_rate * rate), round(self.max_duration * rate)
+            positions = torch.arange(start, start + length)
+            wavs = [None if w is None else w[positions % w.shape[0]] for w in wavs]
+        return self.melody_features(wavs)
 
     # -- persistence -----------------------------------------------------------------------------
     def config_dict(self) -> dict:

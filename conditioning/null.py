@@ -1,0 +1,53 @@
+"""Null conditions for classifier-free guidance, and condition dropout for training.
+
+Classifier-free guidance mixes the LM's logits under the real conditions with
+its logits under "no condition". As in transformers' MusicGen, no text is a
+zero embedding with a zero mask, and no melody is a chroma that is one-hot on
+bin 0 in every frame. Training replaces a random subset of rows with these
+null conditions so the same model learns both distributions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def null_text(emb: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The "no caption" condition: zero embeddings [B, L, D] and a zero mask [B, L]."""
+    return torch.zeros_like(emb), torch.zeros_like(mask)
+
+
+def null_chroma_features(features: Tensor) -> Tensor:
+    """The "no melody" condition, same shape as `features` [B, T, C]: one-hot on bin 0."""
+    null = torch.zeros_like(features)
+    null[..., 0] = 1
+    return null
+
+
+def drop_conditions(
+    emb: Tensor,
+    mask: Tensor,
+    features: Tensor | None,
+    p: float,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Replace each batch row, with probability `p`, by its null text and null melody (both together).
+
+    emb [B, L, D], mask [B, L], features [B, T, C] or None -> the same shapes.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+    if mask.shape != emb.shape[:2] or (features is not None and features.shape[0] != emb.shape[0]):
+        raise ValueError(
+            f"batch shapes disagree: emb {tuple(emb.shape)}, mask {tuple(mask.shape)}"
+            + ("" if features is None else f", features {tuple(features.shape)}")
+        )
+    rand_device = generator.device if generator is not None else emb.device
+    drop = torch.rand(emb.shape[0], generator=generator, device=rand_device) < p  # [B]
+    drop = drop.to(emb.device)
+    emb = torch.where(drop[:, None, None], torch.zeros_like(emb), emb)
+    mask = torch.where(drop[:, None], torch.zeros_like(mask), mask)
+    if features is not None:
+        features = torch.where(drop.to(features.device)[:, None, None], null_chroma_features(features), features)
+    return emb, mask, features
