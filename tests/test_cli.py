@@ -37,6 +37,13 @@ def test_cli_batch_file_and_melody(tiny_melody_dir, tmp_path):
     assert proc.stdout.split() == [str(tmp_path / "b_0.wav"), str(tmp_path / "b_1.wav")]
 
 
+def test_cli_bad_input_in_a_real_process_is_one_line_and_exit_2(tiny_musicgen_dir, tmp_path):
+    proc = run("--text", "x", "--top-k", "0", "--model", str(tiny_musicgen_dir), "--out", str(tmp_path / "o.wav"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["generate.py: error: top_k must be an integer >= 1, got 0"]
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -49,17 +56,24 @@ def test_cli_batch_file_and_melody(tiny_melody_dir, tmp_path):
         (["--text", "x", "--melody", "missing.wav"], "missing.wav"),
         (["--text", "x", "--model", "NOMODEL"], "NOMODEL"),
         (["--text", "x", "--out", "nodir/out.wav"], "does not exist"),
+        (["--text", "x", "--out", "out.mp3"], ".wav"),
+        (["--text", "x", "--batch-file", "nofile.txt"], "nofile.txt"),
         (["--text", "x", "--duration", "abc"], "invalid float"),
         ([], "--text"),
     ],
 )
-def test_cli_bad_input_exits_2_without_traceback_or_output(tiny_melody_dir, tmp_path, args, message):
+def test_cli_bad_input_exits_2_with_one_line_and_no_output(tiny_melody_dir, tmp_path, monkeypatch, capsys, args, message):
+    from musicgen_lite.cli import generate_main
+
+    monkeypatch.chdir(tmp_path)
     if "--model" not in args:
         args = args + ["--model", str(tiny_melody_dir)]
-    if "--out" not in args:
-        args = args + ["--out", str(tmp_path / "o.wav")]
-    proc = run(*args, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
-    assert not list(tmp_path.glob("*.wav"))
+    try:
+        code = generate_main(args)
+    except SystemExit as stop:  # argparse's own errors
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and message in err
+    assert not list(tmp_path.iterdir())
+
