@@ -5,19 +5,17 @@ Every argument is checked before any work starts, so bad input costs nothing and
 
 from __future__ import annotations
 
-import os
 import secrets
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 
 from conditioning.chroma import load_melody
 
+from .audio_io import check_output, write_audio
 from .checkpoints import load_default_model, load_model
 from .model import MusicGen
 from .sampling import SamplingParams
@@ -32,39 +30,17 @@ class GenerationResult:
     tokens: np.ndarray  # [B, K, frames] int64
     texts: list[str]
 
-    def save(self, path: str | Path) -> list[Path]:
-        """Write WAV file(s): `path` for one output, `stem_0.wav`, `stem_1.wav`, ... for a batch."""
+    def save(self, path: str | Path, *, loudness: float | None = None, subtype: str = "PCM_16") -> list[Path]:
+        """Write .wav or .flac file(s): `path` for one output, `stem_0.wav`, `stem_1.wav`, ... for a batch.
+
+        `loudness` (LUFS, e.g. -14) normalises each file with a -1 dBTP peak ceiling; the default
+        keeps the model's own level. `subtype` "FLOAT" writes 32-bit float WAV.
+        """
         path = Path(path)
-        if path.suffix.lower() != ".wav":
-            raise ValueError(f"output path must end in .wav, got {path.name}")
         paths = [path] if len(self.audio) == 1 else [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(len(self.audio))]
-        for p, audio in zip(paths, self.audio):
-            write_wav(p, audio, self.sample_rate)
-        return paths
-
-
-def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
-    """[channels, samples] float -> 16-bit WAV, written to a temporary file and renamed into place."""
-    check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        sf.write(tmp, np.clip(audio.T, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def check_writable(path: str | Path) -> None:
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"output path {path} is a directory")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise ValueError(f"output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"output directory {parent} is not writable")
+        # everything is checked on the first file before anything is written
+        check_output(paths[0], subtype=subtype, loudness=loudness)
+        return [write_audio(p, audio, self.sample_rate, subtype=subtype, loudness=loudness) for p, audio in zip(paths, self.audio)]
 
 
 @lru_cache(maxsize=2)

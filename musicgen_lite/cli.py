@@ -6,7 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from .api import check_writable, generate
+import soundfile as sf
+
+from conditioning.chroma import load_melody
+
+from .api import generate
+from .audio_io import check_output
 
 
 class UsageError(Exception):
@@ -33,13 +38,36 @@ def _prompts(args) -> list[str]:
     return [args.text]
 
 
+def _plotter():
+    """plot_generation, or a usage error naming the extra when matplotlib is not installed."""
+    try:
+        from .plots import plot_generation
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install 'musicgen_lite[plot]'") from None
+    return plot_generation
+
+
+def _plot(plot_generation, audio_path: Path, melody_path: str | None) -> Path:
+    """Plot what was written (after loudness normalisation) to <audio stem>.png beside it."""
+    data, rate = sf.read(str(audio_path), dtype="float32", always_2d=True)
+    melody = load_melody(melody_path, target_sample_rate=rate).numpy() if melody_path else None
+    return plot_generation(
+        audio_path.with_suffix(".png"), data.T, rate, melody=melody, melody_sample_rate=rate if melody_path else None, title=audio_path.name
+    )
+
+
 def generate_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="generate.py", description="Generate music from text (and optionally a hummed melody).")
     p.add_argument("--text", help="what the music should be, e.g. 'mozart sonata allegro'")
     p.add_argument("--batch-file", help="a text file with one prompt per line (outputs are numbered)")
     p.add_argument("--melody", help="a WAV/FLAC/OGG/MP3 of a melody to follow (melody models)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of audio (default 10)")
-    p.add_argument("--out", default="out.wav", help="output WAV path (default out.wav)")
+    p.add_argument("--out", default="out.wav", help="output path, .wav or .flac (default out.wav)")
+    level = p.add_mutually_exclusive_group()
+    level.add_argument("--loudness", type=float, default=-14.0, metavar="LUFS", help="normalise each output to this loudness, peaks at most -1 dBTP (default -14)")
+    level.add_argument("--no-loudness", action="store_true", help="keep the model's own level")
+    p.add_argument("--float", action="store_true", help="write 32-bit float WAV instead of 16-bit PCM")
+    p.add_argument("--plot", action="store_true", help="also write <out stem>.png: waveform, spectrogram, chromagrams (needs the [plot] extra)")
     p.add_argument("--model", help="model directory or cached hub id (default: the bundled model)")
     p.add_argument("--seed", type=int, help="random seed for reproducible output")
     p.add_argument("--top-k", type=int, default=250, help="sample among the k most likely codes (1 = greedy)")
@@ -53,9 +81,10 @@ def generate_main(argv: list[str] | None = None) -> int:
     args = generate_parser().parse_args(argv)
     try:
         prompts = _prompts(args)
-        if Path(args.out).suffix.lower() != ".wav":
-            raise UsageError(f"--out must end in .wav, got {args.out}")
-        check_writable(args.out)
+        loudness = None if args.no_loudness else args.loudness
+        subtype = "FLOAT" if args.float else "PCM_16"
+        check_output(args.out, subtype=subtype, loudness=loudness)
+        plot = _plotter() if args.plot else None
         result = generate(
             prompts,
             melody=args.melody,
@@ -68,13 +97,15 @@ def generate_main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             progress=sys.stderr.isatty(),
         )
-        paths = result.save(args.out)
+        outputs = []
+        for path in result.save(args.out, loudness=loudness, subtype=subtype):
+            outputs += [path] if plot is None else [path, _plot(plot, path, args.melody)]
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("generate.py: interrupted; nothing written", file=sys.stderr)
         return 130
-    for path in paths:
+    for path in outputs:
         print(path)
     return 0

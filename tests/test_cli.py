@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 
@@ -57,6 +58,10 @@ def test_cli_bad_input_in_a_real_process_is_one_line_and_exit_2(tiny_musicgen_di
         (["--text", "x", "--model", "NOMODEL"], "NOMODEL"),
         (["--text", "x", "--out", "nodir/out.wav"], "does not exist"),
         (["--text", "x", "--out", "out.mp3"], ".wav"),
+        (["--text", "x", "--out", "out.flac", "--float"], "FLAC"),
+        (["--text", "x", "--loudness", "3"], "<= 0"),
+        (["--text", "x", "--loudness", "nan"], "finite"),
+        (["--text", "x", "--loudness", "-14", "--no-loudness"], "not allowed with"),
         (["--text", "x", "--batch-file", "nofile.txt"], "nofile.txt"),
         (["--text", "x", "--duration", "abc"], "invalid float"),
         ([], "--text"),
@@ -77,3 +82,50 @@ def test_cli_bad_input_exits_2_with_one_line_and_no_output(tiny_melody_dir, tmp_
     assert len(err.strip().splitlines()) == 1 and message in err
     assert not list(tmp_path.iterdir())
 
+
+
+def test_cli_flac_plot_and_the_default_loudness(tiny_melody_dir, tmp_path, capsys):
+    """--out x.flac --plot writes the FLAC and x.png beside it, printing both; the FLAC is normalised
+    to -14 LUFS unless the -1 dBTP ceiling stopped the gain first."""
+    from hum import synth_hum
+
+    from musicgen_lite.audio_io import loudness, true_peak
+    from musicgen_lite.cli import generate_main
+
+    pytest.importorskip("matplotlib", reason="--plot needs the [plot] extra (matplotlib)")
+    hum = tmp_path / "hum.wav"
+    sf.write(hum, synth_hum([60, 64, 67]), 32000)
+    out = tmp_path / "song.flac"
+    code = generate_main(["--text", "a waltz", "--melody", str(hum), "--duration", "0.6", "--model", str(tiny_melody_dir), "--out", str(out), "--plot"])
+    assert code == 0
+    assert capsys.readouterr().out.split() == [str(out), str(tmp_path / "song.png")]
+    data, sr = sf.read(out, always_2d=True)
+    assert sf.info(out).format == "FLAC" and sr == 32000
+    level, peak_db = loudness(data.T, sr), 20 * np.log10(true_peak(data.T))
+    assert abs(level + 14.0) < 0.1 or (level < -14.0 and abs(peak_db + 1.0) < 0.05)
+    assert (tmp_path / "song.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_float_without_loudness_is_the_model_output(tiny_musicgen_dir, tmp_path, capsys):
+    import musicgen_lite
+    from musicgen_lite.cli import generate_main
+
+    out = tmp_path / "raw.wav"
+    args = ["--text", "piano", "--duration", "0.4", "--model", str(tiny_musicgen_dir), "--seed", "5", "--out", str(out)]
+    assert generate_main(args + ["--float", "--no-loudness"]) == 0
+    expected = musicgen_lite.generate("piano", duration=0.4, model=str(tiny_musicgen_dir), seed=5).audio[0]
+    data, _ = sf.read(out, dtype="float32", always_2d=True)
+    assert sf.info(out).subtype == "FLOAT"
+    np.testing.assert_array_equal(data.T, expected)
+
+
+def test_cli_plot_without_matplotlib_names_the_extra(tiny_musicgen_dir, tmp_path, monkeypatch, capsys):
+    from musicgen_lite.cli import generate_main
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import matplotlib...` fail
+    monkeypatch.delitem(sys.modules, "musicgen_lite.plots", raising=False)
+    code = generate_main(["--text", "x", "--model", str(tiny_musicgen_dir), "--out", str(tmp_path / "o.wav"), "--plot"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["generate.py: error: --plot needs matplotlib: pip install 'musicgen_lite[plot]'"]
+    assert not list(tmp_path.iterdir())

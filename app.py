@@ -1,0 +1,123 @@
+"""A local web page for generation: python app.py [--model PATH] [--port N] [--host 127.0.0.1].
+
+Text, an optional melody (an uploaded file or a microphone recording) and the sampling controls go
+in; a player with the result (normalised to -14 LUFS, as generate.py writes it) and the picture of
+waveform, spectrogram and chromagrams come out. The model is loaded on the first request and kept.
+Needs the [demo] extra (Gradio and matplotlib). Gradio's usage analytics are switched off and the
+page uses system fonts, so nothing is fetched from or sent to the internet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # gradio reads it at import time
+
+import gradio as gr  # noqa: E402
+
+from conditioning.chroma import load_melody  # noqa: E402
+from musicgen_lite.api import MAX_DURATION, generate  # noqa: E402
+from musicgen_lite.audio_io import normalize_loudness, write_audio  # noqa: E402
+from musicgen_lite.plots import plot_generation  # noqa: E402
+
+LOUDNESS = -14.0  # LUFS, as generate.py writes by default
+MELODY_RATE = 32000  # the chroma extractor's rate; melodies are resampled to it once, for model and plot
+SYSTEM_FONTS = ["system-ui", "sans-serif"]
+SYSTEM_MONO_FONTS = ["ui-monospace", "monospace"]
+
+
+class Generator:
+    """One request from the page to files Gradio can serve. The model (a path, or None for the
+    bundled default) is loaded by `generate` on first use and cached there; outputs live in a private
+    temporary directory that is removed when the process ends."""
+
+    def __init__(self, model: str | None):
+        self.model = model
+        self._dir = tempfile.TemporaryDirectory(prefix="musicgen_lite_app_")
+        self._count = 0
+
+    def __call__(self, text, melody, duration, top_k, top_p, temperature, cfg, seed) -> tuple[str, str]:
+        try:
+            wav = None if melody is None else load_melody(melody, target_sample_rate=MELODY_RATE).numpy()
+            result = generate(
+                text or "",
+                melody=wav,
+                melody_sample_rate=None if wav is None else MELODY_RATE,
+                duration=float(duration),
+                model=self.model,
+                top_k=int(top_k),
+                top_p=float(top_p),
+                temperature=float(temperature),
+                cfg_coef=float(cfg),
+                seed=None if seed is None or seed < 0 else int(seed),
+            )
+            audio = normalize_loudness(result.audio[0], result.sample_rate, target=LOUDNESS)
+            self._count += 1
+            stem = Path(self._dir.name) / f"generation_{self._count}"
+            audio_path = write_audio(stem.with_suffix(".wav"), audio, result.sample_rate)
+            plot_path = plot_generation(
+                stem.with_suffix(".png"),
+                audio,
+                result.sample_rate,
+                melody=wav,
+                melody_sample_rate=None if wav is None else MELODY_RATE,
+                title=result.texts[0],
+            )
+        except (ValueError, FileNotFoundError) as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        return str(audio_path), str(plot_path)
+
+
+def build_app(model: str | None) -> gr.Blocks:
+    """The page: inputs on the left, the player and the picture on the right."""
+    with gr.Blocks(title="musicgen_lite") as page:
+        gr.Markdown("# musicgen_lite\nMusic from a sentence, optionally following a hummed melody.")
+        with gr.Row():
+            with gr.Column():
+                text = gr.Textbox(label="Text", placeholder="mozart sonata allegro", lines=2, elem_id="text")
+                melody = gr.Audio(
+                    sources=["upload", "microphone"], type="filepath", label="Melody (optional, melody models)", elem_id="melody"
+                )
+                duration = gr.Slider(0.5, min(30.0, MAX_DURATION), value=10.0, step=0.5, label="Duration (s)", elem_id="duration")
+                with gr.Accordion("Sampling", open=True):
+                    top_k = gr.Slider(1, 1000, value=250, step=1, label="Top-k (1 = greedy)", elem_id="top_k")
+                    top_p = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Top-p (0 = off)", elem_id="top_p")
+                    temperature = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="Temperature", elem_id="temperature")
+                    cfg = gr.Slider(0.0, 10.0, value=3.0, step=0.1, label="Guidance (cfg)", elem_id="cfg")
+                    seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id="seed")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column():
+                audio = gr.Audio(label="Result", type="filepath", interactive=False, elem_id="result")
+                picture = gr.Image(label="Waveform, spectrogram, chromagrams", show_label=False, type="filepath", interactive=False, elem_id="plot")
+        button.click(
+            Generator(model),
+            inputs=[text, melody, duration, top_k, top_p, temperature, cfg, seed],
+            outputs=[audio, picture],
+        )
+    return page
+
+
+def launch(page: gr.Blocks, host: str, port: int | None, *, block: bool = True) -> str:
+    """Serve `page` with system fonts and no server-side rendering (no Node.js needed); returns its
+    URL. With block=False the server runs in a background thread until `page.close()`."""
+    theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=SYSTEM_MONO_FONTS)
+    _, url, _ = page.launch(server_name=host, server_port=port, theme=theme, ssr_mode=False, prevent_thread_lock=not block, quiet=not block)
+    return url
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="app.py", description="A local web page for musicgen_lite.")
+    parser.add_argument("--model", help="model directory or cached hub id (default: the bundled model)")
+    parser.add_argument("--port", type=int, help="port to listen on (default: the first free one from 7860)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    args = parser.parse_args(argv)
+    launch(build_app(args.model), args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
