@@ -81,6 +81,12 @@ def _duration(duration) -> float:
     return float(duration)
 
 
+def _checked(text, duration, top_k, top_p, temperature, cfg_coef) -> tuple[list[str], float, SamplingParams]:
+    """The arguments every entry point shares, checked before any work starts."""
+    params = SamplingParams(top_k=top_k, top_p=top_p, temperature=temperature, cfg_coef=cfg_coef)
+    return _texts(text), _duration(duration), params
+
+
 def _broadcast(texts: list[str], items: list, what: str) -> tuple[list[str], list]:
     if len(items) == len(texts):
         return texts, items
@@ -129,9 +135,7 @@ def generate(
 
     frames = round(duration * frame_rate); the audio has frames * hop samples. top_k=1 is greedy.
     """
-    texts = _texts(text)
-    duration = _duration(duration)
-    params = SamplingParams(top_k=top_k, top_p=top_p, temperature=temperature, cfg_coef=cfg_coef)
+    texts, duration, params = _checked(text, duration, top_k, top_p, temperature, cfg_coef)
     melodies = None
     if melody is not None:
         items = list(melody) if isinstance(melody, (list, tuple)) else [melody]
@@ -171,9 +175,7 @@ def generate_continuation(
 ) -> GenerationResult:
     """Continue `prompt_audio` ([samples], [channels, samples] or [B, channels, samples]) to `duration`
     seconds in total; the result starts with the (re-encoded) prompt."""
-    texts = _texts(text)
-    duration = _duration(duration)
-    params = SamplingParams(top_k=top_k, top_p=top_p, temperature=temperature, cfg_coef=cfg_coef)
+    texts, duration, params = _checked(text, duration, top_k, top_p, temperature, cfg_coef)
     if isinstance(prompt_sample_rate, bool) or not isinstance(prompt_sample_rate, int) or prompt_sample_rate <= 0:
         raise ValueError(f"prompt_sample_rate must be a positive integer, got {prompt_sample_rate!r}")
     wav = torch.as_tensor(np.asarray(prompt_audio, dtype=np.float32)) if not torch.is_tensor(prompt_audio) else prompt_audio.float()

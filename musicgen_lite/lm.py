@@ -15,11 +15,26 @@ slots of a pattern. Conditions reach the decoder in one of two ways:
 The layer layout, the sinusoid and the projections follow MusicGen exactly (same maths as
 transformers' `MusicgenForCausalLM`), so real checkpoints load by renaming tensors; q/k/v and the
 K heads are stored fused so that one decoding step is a few large matrix products.
+
+A decoding step reads every weight once for a handful of rows, so on a CPU its speed is set by
+memory traffic and by how the rows share the cores:
+
+    null rows        classifier-free guidance's null rows have zero text states under an all-zero
+                     mask: their cross-attention output is exactly zero, so they skip it
+    row groups       with T intra-op threads the N rows are split into min(T, N) groups that worker
+                     threads decode concurrently, T / groups threads each: a one-row product is a
+                     matrix-vector product that streams the weights at memory speed, and the workers
+                     meet once per step instead of at every operation
+    set_precision    bf16, fp16 or int8 weights: fewer bytes per step, at some cost in exactness
 """
 
 from __future__ import annotations
 
 import math
+import os
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -97,15 +112,82 @@ def sinusoids(positions: Tensor, dim: int) -> Tensor:
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: [layers, N, heads, max_len, head_dim] each."""
+    """Decoding state: preallocated keys/values [layers, N, heads, max_len, head_dim], the number of
+    positions filled, and the cross-attention keys/values of rows [0, attending), computed once
+    (the rows after them are silent: their cross-attention output is zero)."""
 
-    def __init__(self, cfg: LMConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        shape = (cfg.num_layers, rows, cfg.num_heads, max_len, cfg.dim // cfg.num_heads)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+    def __init__(self, k: Tensor, v: Tensor, cross: list[tuple[Tensor, Tensor]] | None = None,
+                 cross_bias: Tensor | None = None, attending: int = 0):
+        self.k, self.v = k, v
         self.length = 0  # positions filled so far
-        self.cross: list[tuple[Tensor, Tensor]] | None = None  # per layer, computed once
-        self.cross_bias: Tensor | None = None  # [N, 1, 1, L] additive mask
+        self.cross = cross  # per layer (keys, values) [attending, H, L, hd]
+        self.cross_bias = cross_bias  # [attending, 1, 1, L] additive mask
+        self.attending = attending
+        self.groups: list[KVCache] = []  # row views decoded concurrently (empty: all rows at once)
+        self.bounds: list[tuple[int, int]] = []  # their row ranges
+        self.workers: RowWorkers | None = None
+
+    @classmethod
+    def allocate(cls, cfg: LMConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+        shape = (cfg.num_layers, rows, cfg.num_heads, max_len, cfg.dim // cfg.num_heads)
+        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+
+    def rows(self, start: int, end: int) -> KVCache:
+        """A view of rows [start, end) that writes into this cache."""
+        attending = max(0, min(end, self.attending) - start)
+        cross = None if self.cross is None else [(k[start : start + attending], v[start : start + attending]) for k, v in self.cross]
+        bias = None if self.cross_bias is None else self.cross_bias[start : start + attending]
+        view = KVCache(self.k[:, start:end], self.v[:, start:end], cross, bias, attending)
+        view.length = self.length
+        return view
+
+
+class RowWorkers:
+    """Threads that decode groups of rows concurrently, each running ops on `threads` intra-op threads.
+
+    torch's thread count is per thread, but `torch.set_num_threads` also stores a process-wide
+    default that new threads adopt on their first op. Each worker therefore settles its own count
+    first, then takes its share; once all have, the caller's default is put back."""
+
+    def __init__(self, workers: int, threads: int):
+        self.key = (os.getpid(), workers, threads)
+        caller = torch.get_num_threads()
+        ready = threading.Barrier(workers + 1)
+
+        def setup() -> None:
+            torch.get_num_threads()  # this thread's lazy initialisation, from the process default
+            torch.set_num_threads(threads)
+            ready.wait()
+
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="musicgen-rows", initializer=setup)
+        for _ in range(workers):  # each submission finds no idle thread and starts a new one
+            self.pool.submit(lambda: None)
+        ready.wait()
+        torch.set_num_threads(caller)
+
+    def map(self, fn, jobs: list[tuple]) -> list:
+        """fn(*job) for every job, concurrently, under the caller's grad / inference mode."""
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+        def run(job: tuple):
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return fn(*job)
+
+        return list(self.pool.map(run, jobs))
+
+
+_row_workers: RowWorkers | None = None
+
+
+def row_workers(workers: int, threads: int) -> RowWorkers:
+    """The shared `RowWorkers` for this process and shape, (re)started when either changes."""
+    global _row_workers
+    key = (os.getpid(), workers, threads)
+    if _row_workers is None or _row_workers.key != key:
+        if _row_workers is not None and _row_workers.key[0] == key[0]:
+            _row_workers.pool.shutdown()  # a forked child inherits the object but not its threads
+        _row_workers = RowWorkers(workers, threads)
+    return _row_workers
 
 
 class SelfAttention(nn.Module):
@@ -173,24 +255,95 @@ class DecoderLayer(nn.Module):
         self.fc1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.fc2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, cache: KVCache | None, layer: int, cross_kv=None, cross_bias=None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None, layer: int, cross_kv=None, cross_bias=None,
+                attending: int | None = None) -> Tensor:
+        """x [N, T, D]. Only rows [0, attending) (default: all) cross-attend; the others' update is zero."""
         drop = self.dropout if self.training else 0.0
         x = x + F.dropout(self.self_attn(self.norm_self(x), cache, layer), drop, self.training)
         if self.cross_attn is not None:
-            x = x + F.dropout(self.cross_attn(self.norm_cross(x), cross_kv, cross_bias), drop, self.training)
+            n = x.shape[0] if attending is None else attending
+            if n:
+                h = F.dropout(self.cross_attn(self.norm_cross(x[:n]), cross_kv, cross_bias), drop, self.training)
+                x = x + h if n == x.shape[0] else torch.cat([x[:n] + h, x[n:]])
         h = self.fc2(F.dropout(self.act(self.fc1(self.norm_ffn(x))), drop, self.training))
         return x + F.dropout(h, drop, self.training)
+
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+
+
+class PackedLinear(nn.Module):
+    """Inference-only stand-in for a bias-free nn.Linear, its weight packed for fbgemm: "fp16" keeps
+    half-precision weights (fp32 activations and sums); "int8" keeps symmetric per-output-channel int8
+    weights and quantises the activations on the fly (dynamic quantisation)."""
+
+    def __init__(self, weight: Tensor, precision: str):
+        super().__init__()
+        self.precision = precision
+        self.out_features, self.in_features = weight.shape
+        w = weight.detach().float().contiguous()
+        with warnings.catch_warnings():  # torch marks its quantised-tensor constructors as deprecated
+            warnings.simplefilter("ignore")
+            if precision == "fp16":
+                self.packed = torch.ops.quantized.linear_prepack_fp16(w, None)
+            else:
+                scale = (w.abs().amax(1) / 127).clamp(min=1e-12).double()  # [out]
+                q = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+                self.packed = torch.ops.quantized.linear_prepack(q, None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if self.precision == "fp16":
+            y = torch.ops.quantized.linear_dynamic_fp16(flat, self.packed)
+        else:  # reduce_range: 7-bit activations, so that fbgemm's int16 pair sums cannot saturate
+            y = torch.ops.quantized.linear_dynamic(flat, self.packed, True)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        raise RuntimeError(f"an LM converted to {self.precision} is for inference only; save it before set_precision")
 
 
 class TransformerLM(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.cfg = cfg
+        self.precision = "fp32"
         self.embed = nn.ModuleList(nn.Embedding(cfg.card + 1, cfg.dim) for _ in range(cfg.num_codebooks))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.heads = nn.Linear(cfg.dim, cfg.num_codebooks * cfg.card, bias=False)  # K heads, fused
         self._positions = torch.empty(0, cfg.dim)
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of activations and of the KV cache."""
+        return self.norm.weight.dtype
+
+    def set_precision(self, precision: str) -> TransformerLM:
+        """Store the weights in fewer bytes for faster, inexact inference (CPU decoding reads every
+        weight once per step). "bf16": every weight, activation and the cache in bfloat16. "fp16" /
+        "int8": the Linear weights packed for fbgemm (x86 CPUs), the rest in fp32. "fp32" is the
+        default and the exact one. Only an fp32 model converts, and fp16 / int8 ones cannot be saved."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision == self.precision:
+            return self
+        if self.precision != "fp32":
+            raise ValueError(f"this LM is already {self.precision}; convert an fp32 model instead")
+        if precision == "bf16":
+            self.to(torch.bfloat16)
+        else:
+            if self.device.type != "cpu":
+                raise ValueError(f"{precision} weights use fbgemm, a CPU backend; the LM is on {self.device}")
+            linears = [(m, name, c) for m in self.modules() for name, c in m.named_children() if isinstance(c, nn.Linear)]
+            for module, name, child in linears:
+                setattr(module, name, PackedLinear(child.weight, precision))
+        self.precision = precision
+        return self
 
     def positions(self, start: int, length: int, like: Tensor) -> Tensor:
         """Sinusoids for absolute positions [start, start + length), cached and grown on demand."""
@@ -223,18 +376,19 @@ class TransformerLM(nn.Module):
             x = torch.cat([conditions.prefix.to(x), x], dim=1)
         x = x + self.positions(0, x.shape[1], x)
         x = F.dropout(x, self.cfg.dropout, self.training)
-        cross_kv, bias = self._cross(conditions, x.dtype)
+        cross_kv, bias = self._cross(conditions.cross, conditions.cross_mask)
         for i, layer in enumerate(self.layers):
             x = layer(x, None, i, cross_kv[i] if cross_kv else None, bias)
         return self._logits(self.norm(x[:, prefix:]))
 
-    def _cross(self, conditions: LMConditions, dtype: torch.dtype):
+    def _cross(self, cross: Tensor | None, mask: Tensor | None):
+        """Per-layer cross-attention keys/values of [N, L, D] states, and the [N, 1, 1, L] bias."""
         if self.cfg.conditioning != "cross":
             return None, None
-        if conditions.cross is None:
+        if cross is None:
             raise ValueError("a cross-attention model needs `cross` conditions")
-        cross = conditions.cross.to(dtype)
-        return [layer.cross_attn.memory(cross) for layer in self.layers], self.cross_bias(conditions.cross_mask, dtype)
+        cross = cross.to(self.dtype)
+        return [layer.cross_attn.memory(cross) for layer in self.layers], self.cross_bias(mask, self.dtype)
 
     def _logits(self, h: Tensor) -> Tensor:
         n, t, _ = h.shape
@@ -242,23 +396,58 @@ class TransformerLM(nn.Module):
 
     # -- incremental decoding -------------------------------------------------------------------
     def new_cache(self, conditions: LMConditions, max_steps: int) -> KVCache:
-        """A cache for `max_steps` token steps (plus the prefix), with cross keys/values computed once."""
+        """A cache for `max_steps` token steps (plus the prefix), with cross keys/values computed once
+        (for the rows that can see anything), split into row groups when several CPU threads are set."""
         rows = conditions.rows
         prefix = 0 if conditions.prefix is None else conditions.prefix.shape[1]
-        param = self.heads.weight
-        cache = KVCache(self.cfg, rows, prefix + max_steps, param.dtype, param.device)
+        cache = KVCache.allocate(self.cfg, rows, prefix + max_steps, self.dtype, self.device)
         if self.cfg.conditioning == "cross":
-            cache.cross, cache.cross_bias = self._cross(conditions, param.dtype)
+            cache.attending = attending_rows(conditions.cross, conditions.cross_mask)
+            mask = None if conditions.cross_mask is None else conditions.cross_mask[: cache.attending]
+            cache.cross, cache.cross_bias = self._cross(conditions.cross[: cache.attending], mask)
+        self.positions(0, prefix + max_steps, cache.k)  # grown here, not concurrently in the workers
+        threads = torch.get_num_threads()
+        groups = min(threads, rows) if self.device.type == "cpu" else 1
+        if groups > 1:
+            sizes = [rows // groups + (g < rows % groups) for g in range(groups)]
+            starts = [sum(sizes[:g]) for g in range(groups)]
+            cache.bounds = [(a, a + n) for a, n in zip(starts, sizes)]
+            cache.groups = [cache.rows(a, b) for a, b in cache.bounds]
+            cache.workers = row_workers(groups, threads // groups)
         return cache
 
     def step(self, tokens: Tensor, cache: KVCache, conditions: LMConditions | None = None) -> Tensor:
         """Feed new steps [N, K, T] (T >= 1) through the cache; returns the logits of the last step,
         [N, K, card]. The prefix (prefix models) is prepended on the first call, when the cache is empty."""
-        x = self.embed_tokens(tokens)
+        prefix = None
         if cache.length == 0 and conditions is not None and conditions.prefix is not None:
-            x = torch.cat([conditions.prefix.to(x), x], dim=1)
+            prefix = conditions.prefix
+        if cache.groups:
+            jobs = [(tokens[a:b], part, None if prefix is None else prefix[a:b]) for (a, b), part in zip(cache.bounds, cache.groups)]
+            logits = torch.cat(cache.workers.map(self._step, jobs))
+        else:
+            logits = self._step(tokens, cache, prefix)
+        added = tokens.shape[-1] + (0 if prefix is None else prefix.shape[1])
+        for c in [cache, *cache.groups]:
+            c.length += added
+        return logits
+
+    def _step(self, tokens: Tensor, cache: KVCache, prefix: Tensor | None) -> Tensor:
+        x = self.embed_tokens(tokens)  # [N, T, D]
+        if prefix is not None:
+            x = torch.cat([prefix.to(x), x], dim=1)
         x = x + self.positions(cache.length, x.shape[1], x)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cache, i, cache.cross[i] if cache.cross else None, cache.cross_bias)
-        cache.length += x.shape[1]
+            x = layer(x, cache, i, cache.cross[i] if cache.cross else None, cache.cross_bias, cache.attending)
         return self._logits(self.norm(x[:, -1:]))[:, :, 0]
+
+
+def attending_rows(cross: Tensor, mask: Tensor | None) -> int:
+    """n such that rows [n, N) of [N, L, D] cross states are silent: all-zero states under an all-zero
+    mask [N, L]. A silent row's cross-attention averages zero values (no key is preferred, and the
+    key/value projections have no bias), so its output is exactly zero."""
+    if mask is None:
+        return cross.shape[0]
+    silent = (mask == 0).all(1) & (cross == 0).flatten(1).all(1)  # [N]
+    loud = (~silent).nonzero()
+    return int(loud[-1]) + 1 if len(loud) else 0

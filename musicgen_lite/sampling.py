@@ -74,13 +74,16 @@ def sample_top_p(probs: Tensor, p: float, u: Tensor) -> Tensor:
 
 
 def sample_next(logits: Tensor, params: SamplingParams, u: Tensor) -> Tensor:
-    """[..., V] guided logits -> [...] codes. top_k=1 (with top_p=0) is greedy; top_p > 0 wins over top_k."""
+    """[..., V] guided logits -> [...] codes. top_k=1 (with top_p=0) is greedy; top_p > 0 wins over top_k.
+    Top-k normalises over the k best logits only: the same distribution as the renormalised top k
+    of the full softmax, without exponentiating the whole vocabulary."""
     if params.greedy:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    logits = logits.float() / params.temperature
     if params.top_p > 0.0:
-        return sample_top_p(probs, params.top_p, u)
-    return sample_top_k(probs, params.top_k, u)
+        return sample_top_p(torch.softmax(logits, dim=-1), params.top_p, u)
+    top, idx = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1)
+    return _pick(torch.softmax(top, dim=-1), idx, u)
 
 
 @torch.no_grad()
@@ -98,7 +101,7 @@ def generate_tokens(
     rows after the conditional ones). `prompt` [B, K, P] fixes the first P frames (P <= frames)."""
     batch, cfg = len(generators), lm.cfg
     k_books, special = cfg.num_codebooks, cfg.special_token
-    device = lm.heads.weight.device
+    device = lm.device
     steps = pattern.num_steps(frames)
     where = pattern.step_index(frames).to(device)  # [K, T] step of each code
     seq = torch.full((batch, k_books, steps), special, dtype=torch.long, device=device)
@@ -112,21 +115,25 @@ def generate_tokens(
         return pattern.revert(seq, frames)
     first = int(todo[0])  # the first step with a slot to sample; steps before it are known
 
-    rows = 2 * batch if params.guided else batch
+    copies = 2 if params.guided else 1  # the conditional rows, then the null rows, see the same tokens
+    rows = copies * batch
     if conditions.rows != rows:
         raise ValueError(f"conditions have {conditions.rows} rows, expected {rows}")
     cache = lm.new_cache(conditions, steps)
-    tokens = seq[:, :, :first]
+    inputs = seq[:, :, :first].repeat(copies, 1, 1)  # [rows, K, first]: every known step, fed at once
+    step_tokens = seq.new_empty(copies, batch, k_books, 1)  # the next inputs, written in place
+    u = torch.empty(batch, k_books)  # [B, K] one uniform per row and codebook
     bar = tqdm(total=steps - first, disable=not progress, desc="generating", unit="step")
     for s in range(first, steps):
-        inputs = torch.cat([tokens, tokens]) if params.guided else tokens
-        logits = lm.step(inputs, cache, conditions)  # [rows, K, card]
+        logits = lm.step(inputs, cache, conditions).float()  # [rows, K, card]
         if params.guided:
             logits = classifier_free_guidance(logits, params.cfg_coef)
-        u = torch.stack([torch.rand(k_books, generator=g) for g in generators]).to(device)  # [B, K]
-        sampled = sample_next(logits, params, u)  # [B, K]
+        for row, g in enumerate(generators):
+            torch.rand(k_books, generator=g, out=u[row])
+        sampled = sample_next(logits, params, u.to(device))  # [B, K]
         seq[:, :, s] = torch.where(free[:, s], sampled, seq[:, :, s])
-        tokens = seq[:, :, s : s + 1]
+        step_tokens.copy_(seq[None, :, :, s : s + 1])
+        inputs = step_tokens.view(rows, k_books, 1)
         bar.update(1)
     bar.close()
     return pattern.revert(seq, frames)
