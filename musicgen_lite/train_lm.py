@@ -896,8 +896,9 @@ def check_architecture(cfg: Config, run: Path) -> None:
 def train(cfg: Config) -> int:
     d = setup_processes(cfg)
     run = Path(cfg.out).expanduser().resolve()
-    if run.exists() and not run.is_dir():
-        raise UsageError(f"--out {run} exists and is not a folder")
+    nearest = next(p for p in (run, *run.parents) if p.exists())
+    if not nearest.is_dir():
+        raise UsageError(f"--out {run}: {nearest} exists and is not a folder")
     ckpt_dir, base = run / "checkpoints", run / "checkpoints" / "base"
     try:
         files = scan(cfg.data, cfg.valid_fraction)
@@ -907,6 +908,7 @@ def train(cfg: Config) -> int:
     # 1. the model this run trains (written once, by the main process)
     error = None
     if d.main:
+        fresh = not run.exists()
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         remove_leftovers(run)
         try:
@@ -915,6 +917,8 @@ def train(cfg: Config) -> int:
             check_architecture(cfg, run)
         except UsageError as e:
             error = str(e)
+            if fresh:  # a run that never started leaves nothing behind
+                shutil.rmtree(run, ignore_errors=True)
     for error in d.gather(error):  # every process stops on the main process's usage error
         if error:
             raise UsageError(error)
