@@ -98,17 +98,22 @@ def _broadcast(texts: list[str], items: list, what: str) -> tuple[list[str], lis
 
 
 def _generators(seed, batch: int) -> list[torch.Generator]:
-    """Row i draws from seed + i, so row 0 of a batch equals a single call with the same seed."""
-    if seed is None:
-        seed = secrets.randbits(62)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    return [torch.Generator().manual_seed(int(seed) + i) for i in range(batch)]
+    """One generator per row. An integer seeds every row alike, so a prompt gives the same output
+    wherever it sits in a batch; a list gives each row its own seed; None draws a fresh seed per row."""
+    seeds = [secrets.randbits(62) for _ in range(batch)] if seed is None else seed
+    if not isinstance(seeds, (list, tuple)):
+        seeds = [seeds] * batch
+    if len(seeds) != batch:
+        raise ValueError(f"got {len(seeds)} seeds for {batch} outputs")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
+            raise ValueError(f"seed must be an integer or a list of integers, got {s!r}")
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
 def _result(model: MusicGen, tokens: torch.Tensor, texts: list[str]) -> GenerationResult:
-    with torch.no_grad():
-        audio = model.codec.decode(tokens)
+    with torch.no_grad():  # row by row: a row's audio must not depend on its neighbours in the batch
+        audio = torch.cat([model.codec.decode(row[None]) for row in tokens])
     return GenerationResult(
         audio=audio.float().cpu().numpy().astype(np.float32),
         sample_rate=model.sample_rate,
@@ -128,7 +133,7 @@ def generate(
     top_p: float = 0.0,
     temperature: float = 1.0,
     cfg_coef: float = 3.0,
-    seed: int | None = None,
+    seed: int | list[int] | None = None,
     progress: bool = False,
 ) -> GenerationResult:
     """Music from text, optionally following a melody (path, waveform with `melody_sample_rate`, or a list).
@@ -170,7 +175,7 @@ def generate_continuation(
     top_p: float = 0.0,
     temperature: float = 1.0,
     cfg_coef: float = 3.0,
-    seed: int | None = None,
+    seed: int | list[int] | None = None,
     progress: bool = False,
 ) -> GenerationResult:
     """Continue `prompt_audio` ([samples], [channels, samples] or [B, channels, samples]) to `duration`

@@ -46,10 +46,22 @@ def test_same_seed_same_tokens_different_seed_differs(model):
     assert not np.array_equal(a.tokens, c.tokens)
 
 
-def test_first_batch_row_equals_a_single_call_with_the_same_seed(model):
-    single = musicgen_lite.generate("piano", duration=0.3, model=model, seed=3)
-    batch = musicgen_lite.generate(["piano", "organ"], duration=0.3, model=model, seed=3)
-    np.testing.assert_array_equal(single.tokens[0], batch.tokens[0])
+def test_a_prompt_gives_the_same_output_at_any_batch_position(model):
+    single = musicgen_lite.generate("piano sonata", duration=0.3, model=model, seed=3)
+    first = musicgen_lite.generate(["piano sonata", "organ"], duration=0.3, model=model, seed=3)
+    second = musicgen_lite.generate(["a long caption for an organ chorale", "piano sonata"], duration=0.3, model=model, seed=3)
+    np.testing.assert_array_equal(single.tokens[0], first.tokens[0])
+    np.testing.assert_array_equal(single.tokens[0], second.tokens[1])
+    np.testing.assert_array_equal(single.audio[0], second.audio[1])
+
+
+def test_a_list_of_seeds_gives_each_row_its_own(model):
+    res = musicgen_lite.generate(["piano", "piano"], duration=0.3, model=model, seed=[1, 2])
+    assert not np.array_equal(res.tokens[0], res.tokens[1])
+    again = musicgen_lite.generate("piano", duration=0.3, model=model, seed=2)
+    np.testing.assert_array_equal(res.tokens[1], again.tokens[0])
+    with pytest.raises(ValueError, match="2 seeds for 3"):
+        musicgen_lite.generate(["a", "b", "c"], duration=0.2, model=model, seed=[1, 2])
 
 
 def test_extension_past_the_maximum_length_keeps_the_overlap(model):
