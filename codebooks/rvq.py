@@ -1,0 +1,253 @@
+"""A trainable residual vector quantizer with EMA codebooks, stored the way transformers' EnCodec stores one.
+
+Each codebook holds C vectors of the latent width D. Stage k writes the residual left by
+stages 0..k-1 as the index of its nearest codeword, so the first K codes of a frame are a
+coarse-to-fine description of its latent:
+
+    latents [B, D, T] -> residual_0 = latents
+    stage k: code_k = argmin_c |residual_k - embed_k[c]|^2,  residual_{k+1} = residual_k - embed_k[code_k]
+    quantized = sum_k embed_k[code_k]                       codes [B, K, T]
+
+Codewords are not trained by gradients. Each codebook keeps exponential moving averages
+(EMA, decay ~0.99) of how many latents it was assigned (`cluster_size`) and of their sum
+(`embed_avg`); a codeword is their ratio, the running mean of its cluster. Training also
+needs:
+
+- k-means initialisation: codewords start on clusters of real latents, not at zero;
+- dead-code replacement: a codeword whose EMA cluster size falls below a threshold is
+  moved onto a random latent of the current batch, so no codeword stays unused;
+- a commitment loss, pulling the encoder's latents towards their quantized values;
+- the straight-through estimator: the decoder sees the quantized latents, and their
+  gradient goes to the encoder as if quantization were the identity.
+
+The buffers (`inited`, `cluster_size`, `embed`, `embed_avg`) and the nearest-codeword
+arithmetic are those of transformers' `EncodecEuclideanCodebook`, so `export_to` gives an
+`EncodecModel` that encodes to exactly the codes this module computes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def nearest(x: Tensor, embed: Tensor) -> Tensor:
+    """Index of the nearest codeword: x [N, D], embed [C, D] -> [N].
+
+    Written as transformers' EncodecEuclideanCodebook.quantize is, operation for operation,
+    so that ties and rounding resolve the same way and exported codecs give identical codes.
+    """
+    embed_t = embed.t()  # [D, C]
+    dist = -(x.pow(2).sum(1, keepdim=True) - 2 * x @ embed_t + embed_t.pow(2).sum(0, keepdim=True))  # [N, C]
+    return dist.max(dim=-1).indices
+
+
+def _kmeans_plus_plus(x: Tensor, n: int) -> Tensor:
+    """n starting centroids [n, D] from the rows of x [N, D] (k-means++ seeding).
+
+    Each centroid is a row drawn with probability proportional to its squared distance from
+    the nearest centroid drawn before, so the seeds spread over all clusters of the data.
+    Once every distinct row is a centroid (fewer rows than centroids), rows repeat uniformly.
+    """
+    chosen = torch.empty(n, dtype=torch.long, device=x.device)
+    chosen[0] = torch.randint(len(x), (), device=x.device)
+    dist = (x - x[chosen[0]]).pow(2).sum(1)  # [N] squared distance to the nearest centroid so far
+    for i in range(1, n):
+        weights = torch.where(dist.sum() > 0, dist, torch.ones_like(dist))
+        chosen[i] = torch.multinomial(weights, 1)[0]
+        dist = torch.minimum(dist, (x - x[chosen[i]]).pow(2).sum(1))
+    return x[chosen]
+
+
+def _sample_rows(x: Tensor, n: int) -> Tensor:
+    """n rows of x [N, D] at random: without replacement when there are enough, with it otherwise."""
+    if len(x) >= n:
+        return x[torch.randperm(len(x), device=x.device)[:n]]
+    return x[torch.randint(len(x), (n,), device=x.device)]
+
+
+class EMACodebook(nn.Module):
+    """C codewords of width D, learnt as EMA cluster means of the latents assigned to them."""
+
+    def __init__(
+        self,
+        size: int,
+        dim: int,
+        decay: float = 0.99,
+        dead_threshold: float = 0.1,
+        kmeans_iters: int = 10,
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if size < 1 or dim < 1:
+            raise ValueError(f"codebook size and dim must be positive, got {size} and {dim}")
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must lie in (0, 1), got {decay}")
+        if dead_threshold < 0:
+            raise ValueError(f"dead-code threshold must be >= 0, got {dead_threshold}")
+        self.size = size
+        self.decay = decay
+        self.dead_threshold = dead_threshold
+        self.kmeans_iters = kmeans_iters
+        self.eps = eps
+        self.register_buffer("inited", torch.zeros(1))
+        self.register_buffer("cluster_size", torch.zeros(size))  # EMA count of latents per codeword
+        self.register_buffer("embed", torch.zeros(size, dim))  # codewords = embed_avg / cluster_size
+        self.register_buffer("embed_avg", torch.zeros(size, dim))  # EMA sum of latents per codeword
+
+    @property
+    def is_initialized(self) -> bool:
+        return bool(self.inited.item())
+
+    def encode(self, x: Tensor) -> Tensor:
+        """x [N, D] -> codes [N]."""
+        return nearest(x, self.embed)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """codes [...] -> codewords [..., D]."""
+        return F.embedding(codes, self.embed)
+
+    def _cluster_stats(self, x: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-codeword count [C] and sum [C, D] of the latents x [N, D] assigned by codes [N]."""
+        counts = torch.bincount(codes, minlength=self.size).to(x.dtype)
+        sums = torch.zeros(self.size, x.shape[1], device=x.device, dtype=x.dtype).index_add_(0, codes, x)
+        return counts, sums
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor, batches: int = 1) -> None:
+        """k-means on the latents x [N, D], gathered from `batches` training batches.
+
+        Codewords start on k-means++ seeds; clusters that end up empty (with fewer latents than
+        codewords, the duplicate seeds) keep their starting point and are replaced as dead
+        codes once training starts. Cluster sizes are divided by `batches` so that they are
+        on the scale of one batch, the scale of the EMA and of the dead-code threshold.
+        """
+        x = x.float()
+        centroids = _kmeans_plus_plus(x, self.size)  # [C, D]
+        counts = torch.zeros(self.size, device=x.device)
+        for _ in range(self.kmeans_iters):
+            counts, sums = self._cluster_stats(x, nearest(x, centroids))
+            centroids = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centroids)
+        self.embed.copy_(centroids)
+        self.cluster_size.copy_(counts / batches)
+        self.embed_avg.copy_(centroids * self.cluster_size[:, None])
+        self.inited.fill_(1)
+
+    @torch.no_grad()
+    def update(self, x: Tensor, codes: Tensor) -> None:
+        """One EMA step with the latents x [N, D] and their codes [N], then dead-code replacement."""
+        counts, sums = self._cluster_stats(x.float(), codes)
+        self.cluster_size.lerp_(counts, 1 - self.decay)  # decay * old + (1 - decay) * new
+        self.embed_avg.lerp_(sums, 1 - self.decay)
+        # Laplace smoothing keeps the division finite for codewords with a near-zero count.
+        total = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.eps) / (total + self.size * self.eps) * total
+        self.embed.copy_(self.embed_avg / smoothed[:, None])
+
+        dead = self.cluster_size < self.dead_threshold
+        if dead.any():
+            fresh = _sample_rows(x.float(), int(dead.sum()))  # [n_dead, D]
+            # A new codeword starts at the threshold: unless latents join it in the next step it
+            # is dead again and moves to another latent of that batch, so unused codewords keep
+            # following the encoder, whose latents move fast early in training.
+            self.embed[dead] = fresh
+            self.embed_avg[dead] = fresh * self.dead_threshold
+            self.cluster_size[dead] = self.dead_threshold
+
+
+@dataclass
+class RVQOutput:
+    quantized: Tensor  # [B, D, T]; in training the straight-through sum, whose gradient goes to the latents
+    codes: Tensor  # [B, K, T]
+    commit_loss: Tensor  # scalar: mean over stages of |latents - sg(sum of stages 0..k)|^2
+
+
+class ResidualVQ(nn.Module):
+    """K EMA codebooks of C codewords applied in turn to the residual of latents [B, D, T]."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_codebooks: int,
+        codebook_size: int,
+        decay: float = 0.99,
+        dead_threshold: float = 0.1,
+        kmeans_iters: int = 10,
+    ) -> None:
+        super().__init__()
+        if num_codebooks < 1:
+            raise ValueError(f"num_codebooks must be >= 1, got {num_codebooks}")
+        self.dim = dim
+        self.codebook_size = codebook_size
+        self.layers = nn.ModuleList(
+            EMACodebook(codebook_size, dim, decay, dead_threshold, kmeans_iters) for _ in range(num_codebooks)
+        )
+
+    @property
+    def num_codebooks(self) -> int:
+        return len(self.layers)
+
+    @property
+    def is_initialized(self) -> bool:
+        return all(layer.is_initialized for layer in self.layers)
+
+    @torch.no_grad()
+    def initialize(self, latents: Tensor, batches: int = 1) -> None:
+        """k-means for every stage, each on the residual the initialised stages before it leave.
+
+        latents: [B, D, T] or already flattened [N, D].
+        """
+        residual = latents.transpose(1, 2).reshape(-1, self.dim) if latents.ndim == 3 else latents  # [N, D]
+        for layer in self.layers:
+            layer.initialize(residual, batches)
+            residual = residual - layer.decode(layer.encode(residual))
+
+    def forward(self, latents: Tensor) -> RVQOutput:
+        """latents [B, D, T] -> RVQOutput. In training mode also updates the codebooks.
+
+        The first training call on uninitialised codebooks runs k-means on its own latents.
+        Latents with non-finite values leave the codebooks untouched.
+        """
+        B, D, T = latents.shape
+        x = latents.transpose(1, 2).reshape(-1, D)  # [B*T, D]
+        learn = self.training and bool(torch.isfinite(x).all())
+        if learn and not self.is_initialized:
+            self.initialize(x.detach())
+        residual = x.detach()
+        quantized = torch.zeros_like(residual)  # [B*T, D]
+        codes, commit = [], []
+        for layer in self.layers:
+            stage_codes = layer.encode(residual)  # [B*T]
+            stage = layer.decode(stage_codes)  # [B*T, D]
+            if learn:
+                layer.update(residual, stage_codes)
+            residual = residual - stage
+            quantized = quantized + stage
+            codes.append(stage_codes)
+            commit.append(F.mse_loss(x, quantized))  # quantized carries no gradient: only the encoder commits
+        quantized = quantized.view(B, T, D).transpose(1, 2)  # [B, D, T]
+        if self.training:
+            quantized = latents + (quantized - latents).detach()
+        codes_t = torch.stack(codes).view(self.num_codebooks, B, T).transpose(0, 1)  # [B, K, T]
+        return RVQOutput(quantized, codes_t, torch.stack(commit).mean())
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """codes [B, K', T] (K' <= K, the first K' stages) -> quantized latents [B, D, T]."""
+        quantized = torch.zeros((), device=codes.device)
+        for layer, stage_codes in zip(self.layers, codes.unbind(1)):
+            quantized = quantized + layer.decode(stage_codes)  # [B, T, D]
+        return quantized.transpose(1, 2)
+
+    @torch.no_grad()
+    def export_to(self, quantizer: nn.Module) -> None:
+        """Copy the codebooks into a transformers `EncodecResidualVectorQuantizer` with K stages."""
+        if len(quantizer.layers) != self.num_codebooks:
+            raise ValueError(f"target quantizer has {len(quantizer.layers)} stages, this one {self.num_codebooks}")
+        for ours, theirs in zip(self.layers, quantizer.layers):
+            target = theirs.codebook
+            if target.embed.shape != ours.embed.shape:
+                raise ValueError(f"codebook shape {tuple(target.embed.shape)} != ours {tuple(ours.embed.shape)}")
+            for name in ("inited", "cluster_size", "embed", "embed_avg"):
+                getattr(target, name).copy_(getattr(ours, name))

@@ -1,0 +1,353 @@
+"""Codec training: the RVQ's EMA, k-means and dead-code rules, SI-SDR, and train_codec.main on a tiny codec."""
+import contextlib
+import copy
+import csv
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from codebooks.codec import EncodecCodec
+from codebooks.rvq import EMACodebook, ResidualVQ
+from codebooks.train_codec import (
+    TrainConfig,
+    build_codec,
+    build_trainer,
+    hash_split,
+    initialize_codebooks,
+    load_audio_data,
+    main,
+    sample_batch,
+    save_checkpoint,
+    si_sdr,
+    train_step,
+)
+
+SR = 32000
+# A codec small enough to train a few dozen steps in seconds: 0.2 s segments are 10 frames.
+TINY = ["--filters", "4", "--hidden-size", "8", "--codebook-size", "64", "--segment-seconds", "0.2",
+        "--batch-size", "4", "--kmeans-batches", "2", "--valid-segments", "8", "--quantize-prob", "1",
+        "--mel-ramp-steps", "0"]  # fmt: skip
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- RVQ
+
+
+def test_kmeans_init_puts_codewords_on_the_data_clusters():
+    centers = torch.tensor([[5.0, 0.0], [-5.0, 0.0], [0.0, 5.0], [0.0, -5.0]])
+    x = (centers[:, None] + 0.1 * torch.randn(4, 50, 2, generator=gen(0))).reshape(-1, 2)  # [200, 2]
+    torch.manual_seed(0)
+    book = EMACodebook(size=4, dim=2, kmeans_iters=20)
+    book.initialize(x, batches=2)
+    # every cluster centre has a codeword within the noise level, and each codeword holds one cluster
+    dist = torch.cdist(centers, book.embed)  # [4 centres, 4 codewords]
+    assert dist.min(dim=1).values.max() < 0.1
+    assert sorted(dist.argmin(dim=1).tolist()) == [0, 1, 2, 3]
+    assert torch.allclose(book.cluster_size, torch.full((4,), 25.0))  # 50 latents per cluster over 2 batches
+    assert torch.allclose(book.embed_avg, book.embed * 25.0)
+    assert book.is_initialized
+
+
+def test_ema_update_moves_codewords_toward_the_mean_of_their_latents():
+    book = EMACodebook(size=2, dim=2, decay=0.9, dead_threshold=0.0)
+    book.embed.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
+    book.cluster_size.fill_(1.0)
+    book.embed_avg.copy_(book.embed * 1.0)
+    book.inited.fill_(1)
+    x = torch.tensor([[1.0, 2.0], [3.0, 2.0]])  # both nearest to codeword 0; their mean is (2, 2)
+    codes = book.encode(x)
+    assert codes.tolist() == [0, 0]
+    book.update(x, codes)
+    # by hand: count 0.9 * 1 + 0.1 * 2 = 1.1, sum 0.9 * (0, 0) + 0.1 * (4, 4) = (0.4, 0.4) -> mean (0.364, 0.364)
+    # (Laplace smoothing with eps 1e-5 changes this by ~1e-5); the unused codeword keeps its place
+    assert book.cluster_size.tolist() == pytest.approx([1.1, 0.9])
+    assert book.embed[0].tolist() == pytest.approx([0.4 / 1.1, 0.4 / 1.1], abs=1e-4)
+    assert book.embed[1].tolist() == pytest.approx([10.0, 10.0], abs=1e-3)
+    for _ in range(100):
+        book.update(x, book.encode(x))
+    assert book.embed[0].tolist() == pytest.approx([2.0, 2.0], abs=1e-3)
+
+
+def test_dead_code_is_replaced_by_a_latent_from_the_batch():
+    torch.manual_seed(0)
+    book = EMACodebook(size=3, dim=2, decay=0.5, dead_threshold=0.1)
+    book.embed.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [100.0, 100.0]]))  # codeword 2 is far from all data
+    book.cluster_size.fill_(1.0)
+    book.embed_avg.copy_(book.embed)
+    book.inited.fill_(1)
+    x = torch.tensor([[0.1, 0.0], [0.0, 0.1], [1.1, 1.0], [1.0, 0.9]])
+    for step in range(3):  # its count halves each step: 0.5, 0.25, 0.125 -- still above the threshold
+        book.update(x, book.encode(x))
+        assert book.embed[2].tolist() == pytest.approx([100.0, 100.0], rel=1e-3)
+    book.update(x, book.encode(x))  # 0.0625 < 0.1: replaced by one of the batch's latents
+    assert any(torch.equal(book.embed[2], row) for row in x)
+    assert book.cluster_size[2].item() == pytest.approx(0.1)
+    assert torch.allclose(book.embed_avg[2], 0.1 * book.embed[2])
+    assert (book.encode(x) == 2).any()  # it now wins latents of its own ...
+    book.update(x, book.encode(x))
+    assert book.cluster_size[2].item() > 0.1  # ... and so stays alive
+    # a codeword that nothing joins moves on to another latent of the next batch
+    far = EMACodebook(size=2, dim=2, decay=0.5, dead_threshold=0.1)
+    far.embed.copy_(torch.tensor([[0.0, 0.0], [100.0, 100.0]]))
+    far.cluster_size.copy_(torch.tensor([1.0, 0.01]))
+    far.inited.fill_(1)
+    y = torch.tensor([[0.0, 0.1], [0.1, 0.0]])
+    far.update(y, torch.zeros(2, dtype=torch.long))  # codeword 1 replaced by a latent of y
+    far.update(x, torch.zeros(4, dtype=torch.long))  # nothing assigned to it: replaced by a latent of x
+    assert any(torch.equal(far.embed[1], row) for row in x)
+
+
+def test_rvq_training_forward_initialises_updates_and_passes_gradients_straight_through():
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=4, num_codebooks=3, codebook_size=16).train()
+    assert not rvq.is_initialized
+    rvq(torch.randn(2, 4, 30))
+    assert rvq.is_initialized  # the first training call ran k-means on its latents
+    before = copy.deepcopy(rvq)
+    latents = torch.randn(2, 4, 30, requires_grad=True)  # [B, D, T]
+    out = rvq(latents)
+    assert out.codes.shape == (2, 3, 30)
+    # the forward value is the sum of the chosen codewords (as they were before this step's EMA update) ...
+    assert torch.allclose(out.quantized, before.decode(out.codes), atol=1e-6)
+    assert not torch.equal(rvq.layers[0].embed, before.layers[0].embed)
+    # ... and the gradient that of the identity
+    out.quantized.sum().backward()
+    assert torch.equal(latents.grad, torch.ones_like(latents))
+    # each stage lowers the quantization error, and the commitment loss is the mean of the stage errors
+    errors = [(latents - before.decode(out.codes[:, : k + 1])).pow(2).mean().item() for k in range(3)]
+    assert errors[0] > errors[1] > errors[2]
+    assert out.commit_loss.item() == pytest.approx(sum(errors) / 3, rel=1e-4)
+    # eval mode: no update, and the output is exactly the decoded codes
+    rvq.eval()
+    frozen = copy.deepcopy(rvq.state_dict())
+    out = rvq(latents)
+    assert torch.equal(out.quantized, rvq.decode(out.codes))
+    assert all(torch.equal(frozen[k], v) for k, v in rvq.state_dict().items())
+
+
+def test_rvq_ignores_non_finite_latents():
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=4, num_codebooks=2, codebook_size=8).train()
+    rvq(torch.randn(2, 4, 20))
+    before = {k: v.clone() for k, v in rvq.state_dict().items()}
+    bad = torch.randn(2, 4, 20)
+    bad[0, 0, 0] = float("nan")
+    rvq(bad)
+    assert all(torch.equal(before[k], v) for k, v in rvq.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- metrics and data
+
+
+def test_si_sdr_matches_a_hand_computation():
+    ref = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    est = torch.tensor([1.5, 1.5, 3.5, 3.5])
+    # zero-mean: ref (-1.5, -0.5, 0.5, 1.5), est (-1, -1, 1, 1); a = <est, ref> / |ref|^2 = 4 / 5 = 0.8
+    # target 0.8 * ref = (-1.2, -0.4, 0.4, 1.2), |target|^2 = 3.2; noise (0.2, -0.6, 0.6, -0.2), |noise|^2 = 0.8
+    assert si_sdr(est, ref).item() == pytest.approx(10 * math.log10(3.2 / 0.8), abs=1e-4)
+    assert si_sdr(3.0 * ref + 7.0, ref).item() > 80  # invariant to gain and offset
+    batch = torch.stack([est, ref])
+    assert si_sdr(batch, torch.stack([ref, ref])).shape == (2,)
+
+
+def test_split_by_hash_is_deterministic_and_metadata_wins(tmp_path):
+    assert hash_split("a/b.wav", 0.5) == hash_split("a/b.wav", 0.5)
+    splits = [hash_split(f"piece{i}.wav", 0.25) for i in range(400)]
+    assert 60 < splits.count("valid") < 140
+    for name in ("x.wav", "y.wav", "z.wav", "t.wav"):
+        sf.write(tmp_path / name, 0.1 * np.ones(SR // 10, dtype=np.float32), SR)
+    rows = [{"path": p, "split": split} for p, split in (("x.wav", "valid"), ("y.wav", "train"), ("t.wav", "test"))]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data = load_audio_data(tmp_path, SR, valid_fraction=0.01)  # z.wav, not listed, goes by hash: train
+    assert (len(data.train), len(data.valid), data.left_out, data.skipped) == (2, 1, 1, 0)
+
+
+# ----------------------------------------------------------------------------- training end to end
+
+
+def write_dataset(folder, corrupt: bool = True):
+    """Five 1.5 s files of tones with a little noise, and (optionally) a file that is not audio."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    t = np.arange(int(1.5 * SR)) / SR
+    for i in range(5):
+        f = 110.0 * (i + 2)
+        x = 0.3 * np.sin(2 * np.pi * f * t) + 0.1 * np.sin(2 * np.pi * 2.5 * f * t) + 0.02 * rng.standard_normal(len(t))
+        sf.write(folder / f"tone{i}.wav", x.astype(np.float32), SR)
+    if corrupt:
+        (folder / "broken.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEnot really audio")
+    return folder
+
+
+def read_log(run):
+    with open(run / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny codec trained 30 steps: (run dir, stdout, stderr)."""
+    root = tmp_path_factory.mktemp("codec")
+    data = write_dataset(root / "data")
+    run = root / "run"
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["--data", str(data), "--out", str(run), *TINY, "--max-steps", "30", "--log-every", "1",
+                     "--eval-every", "10", "--save-every", "10", "--keep-checkpoints", "2"])  # fmt: skip
+    assert code == 0, err.getvalue()
+    return run, out.getvalue(), err.getvalue()
+
+
+def test_corrupt_file_is_skipped_with_a_warning(trained):
+    run, stdout, stderr = trained
+    warnings = [line for line in stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "broken.wav" in warnings[0]
+    assert "4 train files" in stdout and "1 validation files" in stdout and "1 unreadable skipped" in stdout
+
+
+def test_training_lowers_the_loss_and_logs_validation(trained):
+    run, stdout, _ = trained
+    rows = read_log(run)
+    assert [int(r["step"]) for r in rows] == list(range(1, 31))
+    loss = [float(r["loss"]) for r in rows]
+    assert np.mean(loss[-5:]) < 0.7 * np.mean(loss[:5])
+    evals = [r for r in rows if r["valid_si_sdr"]]
+    assert [int(r["step"]) for r in evals] == [10, 20, 30]
+    mel = [float(r["valid_mel"]) for r in evals]
+    assert mel[-1] < mel[0]
+    assert all(float(r["steps_per_s"]) > 0 for r in rows)
+    assert all(len(r["valid_codes_used"].split("/")) == 4 for r in evals)
+    # the newest checkpoints are kept, and the exported codec sits in the run folder
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000020.pt", "step_00000030.pt"]
+    assert "eval step 30 | SI-SDR" in stdout
+    assert (run / "config.json").is_file() and (run / "model.safetensors").is_file()
+
+
+def test_export_loads_with_encodec_codec_and_matches_our_rvq(tmp_path):
+    data = load_audio_data(write_dataset(tmp_path / "data", corrupt=False), SR, valid_fraction=0.1)
+    # A small learning rate: the EMA codebooks (and dead-code replacement) see a few steps of a barely moving
+    # encoder, so they stay spread over its latents and the codes below vary with the input.
+    cfg = TrainConfig(data="", out="", filters=4, hidden_size=8, codebooks=3, codebook_size=16, segment_seconds=0.2,
+                      batch_size=4, kmeans_batches=4, lr=1e-6)  # fmt: skip
+    t = build_trainer(cfg, torch.device("cpu"))
+    initialize_codebooks(t, data, torch.device("cpu"))
+    for _ in range(3):
+        assert train_step(t, sample_batch(data.train, cfg.batch_size, cfg.segment_samples, t.generator)) is not None
+    t.step = 3
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(t, run)
+    ours = t.model.eval()
+
+    codec = EncodecCodec.from_pretrained(run)
+    assert (codec.num_codebooks, codec.cardinality, codec.sample_rate, codec.frame_rate) == (3, 16, SR, 50)
+    assert codec.model.config.normalize is False and codec.model.config.chunk_length_s is None
+    wav = torch.cat([w[: SR // 2] for w in data.train + data.valid])[None, None]  # every tone in turn, [1, 1, N]
+    with torch.no_grad():
+        out = ours(wav)
+        decoded = ours.decoder(ours.quantizer.decode(out.codes))
+    codes = codec.encode(wav)
+    assert torch.equal(codes, out.codes)
+    assert all(len(torch.unique(codes[:, k])) > 1 for k in range(3))  # the codes do depend on the input
+    assert torch.equal(codec.decode(codes), decoded)
+    assert torch.equal(decoded[..., : wav.shape[-1]], out.recon)
+    for ours_layer, theirs in zip(ours.quantizer.layers, codec.model.quantizer.layers):
+        for name in ("inited", "cluster_size", "embed", "embed_avg"):
+            assert torch.equal(getattr(theirs.codebook, name), getattr(ours_layer, name))
+    # the training checkpoint holds the same codec
+    state = torch.load(run / "checkpoints" / "step_00000003.pt", weights_only=True)
+    restored = build_codec(TrainConfig(**state["config"]))
+    restored.load_state_dict(state["model"])
+    with torch.no_grad():
+        assert torch.equal(restored.eval()(wav).codes, codes)
+
+
+def test_target_bandwidth_selects_exactly_k_codebooks():
+    from codebooks.train_codec import encodec_config
+
+    config = encodec_config(TrainConfig(data="", out="", codebook_size=2048))
+    assert config.target_bandwidths == [2.2] and config.frame_rate == 50  # MusicGen's codec: 4 x 11 bits at 50 Hz
+    assert EncodecCodec.from_config(config).num_codebooks == 4
+    # 31 codebooks of 7 bits at 75 Hz: 31 x 525 bps in floats lands just below 31 codebooks
+    odd = TrainConfig(data="", out="", sample_rate=24000, ratios=(8, 5, 4, 2), codebooks=31, codebook_size=128,
+                      filters=2, hidden_size=4)  # fmt: skip
+    assert EncodecCodec.from_config(encodec_config(odd)).num_codebooks == 31
+
+
+def test_resume_continues_from_the_saved_step_exactly(tmp_path, capsys):
+    data = write_dataset(tmp_path / "data", corrupt=False)
+    common = ["--data", str(data), *TINY, "--save-every", "3", "--eval-every", "3", "--log-every", "1"]
+    assert main([*common, "--out", str(tmp_path / "straight"), "--max-steps", "6"]) == 0
+    # an interrupted run: stopped after step 3's checkpoint, then the same command re-run
+    assert main([*common, "--out", str(tmp_path / "resumed"), "--max-steps", "3"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "resumed"), "--max-steps", "6"]) == 0
+    assert "resuming from step 3" in capsys.readouterr().out
+    straight = torch.load(tmp_path / "straight" / "checkpoints" / "step_00000006.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "step_00000006.pt", weights_only=True)
+    assert resumed["step"] == 6
+    for name, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
+    assert [r["step"] for r in read_log(tmp_path / "resumed")] == [str(s) for s in range(1, 7)]
+    # nothing left to do at the last step; a different codec in the same folder is refused
+    assert main([*common, "--out", str(tmp_path / "resumed"), "--max-steps", "6"]) == 0
+    assert main([*common, "--out", str(tmp_path / "resumed"), "--max-steps", "9", "--filters", "8"]) == 2
+    assert "--filters 4 (now 8)" in capsys.readouterr().err
+
+
+def test_non_finite_step_is_skipped_without_touching_weights(tmp_path):
+    cfg = TrainConfig(data="", out="", filters=4, hidden_size=8, codebook_size=64, segment_seconds=0.2, batch_size=2)
+    t = build_trainer(cfg, torch.device("cpu"))
+    wav = 0.1 * torch.randn(2, 1, cfg.segment_samples, generator=gen(0))
+    assert train_step(t, wav) is not None  # initialises the codebooks
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    bad = wav.clone()
+    bad[0, 0, 100] = float("inf")
+    assert train_step(t, bad) is None
+    assert all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())
+
+
+def test_adversarial_step_trains_codec_and_discriminator(tmp_path):
+    cfg = TrainConfig(data="", out="", filters=4, hidden_size=8, codebook_size=64, segment_seconds=0.2,
+                      batch_size=2, adversarial=True, disc_filters=4)  # fmt: skip
+    t = build_trainer(cfg, torch.device("cpu"))
+    disc_before = [p.clone() for p in t.disc.parameters()]
+    stats = train_step(t, 0.1 * torch.randn(2, 1, cfg.segment_samples, generator=gen(0)))
+    assert stats is not None and {"adv", "feat", "disc"} <= stats.keys()
+    assert all(math.isfinite(v) for v in stats.values())
+    assert any(not torch.equal(a, b) for a, b in zip(disc_before, t.disc.parameters()))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--codebook-size", "1000"], "power of two"),
+        (["--segment-seconds", "0.01"], "too short"),
+        (["--quantize-prob", "2"], "--quantize-prob"),
+        (["--device", "nonsense"], "--device"),
+        (["--ratios", "8,x"], "--ratios"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    data = write_dataset(tmp_path / "data", corrupt=False)
+    assert main(["--data", str(data), "--out", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_or_empty_data_is_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "bad.wav").write_bytes(b"junk")
+    assert main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "run")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("warning: skipping unreadable audio file") and "error: need audio" in lines[1]
