@@ -17,16 +17,24 @@ from codebooks.codec import EncodecCodec
 from conditioning.chroma import ChromaConditioner
 from conditioning.text import T5Conditioner
 
-from .lm import LMConfig, TransformerLM
+from .lm import PRECISIONS, LMConfig, TransformerLM
 from .model import FORMAT, MusicGen
 
 HF_MODEL_TYPES = ("musicgen", "musicgen_melody")
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
 
 
-def load_model(path_or_id: str | Path) -> MusicGen:
-    """A `MusicGen` from a directory (ours or transformers'), or a hub id found in the local cache."""
-    path = resolve_model_path(path_or_id)
+def load_model(path_or_id: str | Path, precision: str = "fp32") -> MusicGen:
+    """A `MusicGen` from a directory (ours or transformers'), or a hub id found in the local cache.
+    `precision` ("fp32", "bf16", "fp16" or "int8") is the LM's, see `TransformerLM.set_precision`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    model = _load(resolve_model_path(path_or_id))
+    model.lm.set_precision(precision)
+    return model
+
+
+def _load(path: Path) -> MusicGen:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{path} is not a model directory (no config.json)")

@@ -16,25 +16,24 @@ The layer layout, the sinusoid and the projections follow MusicGen exactly (same
 transformers' `MusicgenForCausalLM`), so real checkpoints load by renaming tensors; q/k/v and the
 K heads are stored fused so that one decoding step is a few large matrix products.
 
-A decoding step reads every weight once for a handful of rows, so on a CPU its speed is set by
-memory traffic and by how the rows share the cores:
+A decoding step multiplies a handful of rows (the conditional and null rows of classifier-free
+guidance) with every weight, so on a CPU it is bound by reading the weights from memory:
 
-    null rows        classifier-free guidance's null rows have zero text states under an all-zero
-                     mask: their cross-attention output is exactly zero, so they skip it
-    row groups       with T intra-op threads the N rows are split into min(T, N) groups that worker
-                     threads decode concurrently, T / groups threads each: a one-row product is a
-                     matrix-vector product that streams the weights at memory speed, and the workers
-                     meet once per step instead of at every operation
+    packed weights   BLAS re-packs the weight of a few-row product at every call, reading it
+                     more than once; `new_cache` keeps copies of the step's weights in oneDNN's
+                     blocked layout (made once, kept while the weights are unchanged), which a
+                     product streams once
+    null rows        the null rows' text states are zero under an all-zero mask, so their
+                     cross-attention output is exactly zero: they skip it
     set_precision    bf16, fp16 or int8 weights: fewer bytes per step, at some cost in exactness
+
+The sampling loop runs these steps on `TransformerLM.decode_threads` intra-op threads (see sampling.py).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -113,81 +112,27 @@ def sinusoids(positions: Tensor, dim: int) -> Tensor:
 
 class KVCache:
     """Decoding state: preallocated keys/values [layers, N, heads, max_len, head_dim], the number of
-    positions filled, and the cross-attention keys/values of rows [0, attending), computed once
-    (the rows after them are silent: their cross-attention output is zero)."""
+    positions filled, the cross-attention keys/values of rows [0, attending) (computed once; the rows
+    after them are silent, their cross-attention output is zero) and the packed step weights."""
 
-    def __init__(self, k: Tensor, v: Tensor, cross: list[tuple[Tensor, Tensor]] | None = None,
-                 cross_bias: Tensor | None = None, attending: int = 0):
-        self.k, self.v = k, v
-        self.length = 0  # positions filled so far
-        self.cross = cross  # per layer (keys, values) [attending, H, L, hd]
-        self.cross_bias = cross_bias  # [attending, 1, 1, L] additive mask
-        self.attending = attending
-        self.groups: list[KVCache] = []  # row views decoded concurrently (empty: all rows at once)
-        self.bounds: list[tuple[int, int]] = []  # their row ranges
-        self.workers: RowWorkers | None = None
-
-    @classmethod
-    def allocate(cls, cfg: LMConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+    def __init__(self, cfg: LMConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device):
         shape = (cfg.num_layers, rows, cfg.num_heads, max_len, cfg.dim // cfg.num_heads)
-        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
-
-    def rows(self, start: int, end: int) -> KVCache:
-        """A view of rows [start, end) that writes into this cache."""
-        attending = max(0, min(end, self.attending) - start)
-        cross = None if self.cross is None else [(k[start : start + attending], v[start : start + attending]) for k, v in self.cross]
-        bias = None if self.cross_bias is None else self.cross_bias[start : start + attending]
-        view = KVCache(self.k[:, start:end], self.v[:, start:end], cross, bias, attending)
-        view.length = self.length
-        return view
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.length = 0  # positions filled so far
+        self.cross: list[tuple[Tensor, Tensor]] | None = None  # per layer, [attending, H, L, hd] each
+        self.cross_bias: Tensor | None = None  # [attending, 1, 1, L] additive mask
+        self.attending = rows
+        self.packed: dict[nn.Module, Tensor] = {}  # Linear -> its weight in oneDNN's layout
 
 
-class RowWorkers:
-    """Threads that decode groups of rows concurrently, each running ops on `threads` intra-op threads.
-
-    torch's thread count is per thread, but `torch.set_num_threads` also stores a process-wide
-    default that new threads adopt on their first op. Each worker therefore settles its own count
-    first, then takes its share; once all have, the caller's default is put back."""
-
-    def __init__(self, workers: int, threads: int):
-        self.key = (os.getpid(), workers, threads)
-        caller = torch.get_num_threads()
-        ready = threading.Barrier(workers + 1)
-
-        def setup() -> None:
-            torch.get_num_threads()  # this thread's lazy initialisation, from the process default
-            torch.set_num_threads(threads)
-            ready.wait()
-
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="musicgen-rows", initializer=setup)
-        for _ in range(workers):  # each submission finds no idle thread and starts a new one
-            self.pool.submit(lambda: None)
-        ready.wait()
-        torch.set_num_threads(caller)
-
-    def map(self, fn, jobs: list[tuple]) -> list:
-        """fn(*job) for every job, concurrently, under the caller's grad / inference mode."""
-        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-
-        def run(job: tuple):
-            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                return fn(*job)
-
-        return list(self.pool.map(run, jobs))
-
-
-_row_workers: RowWorkers | None = None
-
-
-def row_workers(workers: int, threads: int) -> RowWorkers:
-    """The shared `RowWorkers` for this process and shape, (re)started when either changes."""
-    global _row_workers
-    key = (os.getpid(), workers, threads)
-    if _row_workers is None or _row_workers.key != key:
-        if _row_workers is not None and _row_workers.key[0] == key[0]:
-            _row_workers.pool.shutdown()  # a forked child inherits the object but not its threads
-        _row_workers = RowWorkers(workers, threads)
-    return _row_workers
+def linear(module: nn.Module, x: Tensor, cache: KVCache | None) -> Tensor:
+    """module(x) for a bias-free linear layer, through the packed copy of its weight when the cache has one."""
+    packed = None if cache is None else cache.packed.get(module)
+    if packed is None:
+        return module(x)
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, None, "none", [], "")
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class SelfAttention(nn.Module):
@@ -199,7 +144,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, cache: KVCache | None, layer: int) -> Tensor:
         n, t, d = x.shape
-        q, k, v = self.qkv(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # [N,H,T,hd]
+        q, k, v = linear(self.qkv, x, cache).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # [N,H,T,hd]
         if cache is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
@@ -216,7 +161,7 @@ class SelfAttention(nn.Module):
             else:  # several new queries after a filled cache: causal by absolute position
                 allowed = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        return self.out(y.transpose(1, 2).reshape(n, t, d))
+        return linear(self.out, y.transpose(1, 2).reshape(n, t, d), cache)
 
 
 class CrossAttention(nn.Module):
@@ -233,13 +178,13 @@ class CrossAttention(nn.Module):
         k, v = self.kv(cross).view(n, length, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         return k, v
 
-    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], bias: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], bias: Tensor | None, cache: KVCache | None = None) -> Tensor:
         n, t, d = x.shape
-        q = self.q(x).view(n, t, self.heads, d // self.heads).transpose(1, 2)
+        q = linear(self.q, x, cache).view(n, t, self.heads, d // self.heads).transpose(1, 2)
         y = F.scaled_dot_product_attention(
             q, kv[0], kv[1], attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.out(y.transpose(1, 2).reshape(n, t, d))
+        return linear(self.out, y.transpose(1, 2).reshape(n, t, d), cache)
 
 
 class DecoderLayer(nn.Module):
@@ -255,18 +200,19 @@ class DecoderLayer(nn.Module):
         self.fc1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.fc2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, cache: KVCache | None, layer: int, cross_kv=None, cross_bias=None,
-                attending: int | None = None) -> Tensor:
-        """x [N, T, D]. Only rows [0, attending) (default: all) cross-attend; the others' update is zero."""
-        drop = self.dropout if self.training else 0.0
-        x = x + F.dropout(self.self_attn(self.norm_self(x), cache, layer), drop, self.training)
+    def drop(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.dropout, True) if self.training and self.dropout > 0 else x
+
+    def forward(self, x: Tensor, cache: KVCache | None, layer: int, cross_kv=None, cross_bias=None) -> Tensor:
+        """x [N, T, D]. With a cache, only its rows [0, cache.attending) cross-attend; the others' update is zero."""
+        x = x + self.drop(self.self_attn(self.norm_self(x), cache, layer))
         if self.cross_attn is not None:
-            n = x.shape[0] if attending is None else attending
+            n = x.shape[0] if cache is None else cache.attending
             if n:
-                h = F.dropout(self.cross_attn(self.norm_cross(x[:n]), cross_kv, cross_bias), drop, self.training)
+                h = self.drop(self.cross_attn(self.norm_cross(x[:n]), cross_kv, cross_bias, cache))
                 x = x + h if n == x.shape[0] else torch.cat([x[:n] + h, x[n:]])
-        h = self.fc2(F.dropout(self.act(self.fc1(self.norm_ffn(x))), drop, self.training))
-        return x + F.dropout(h, drop, self.training)
+        h = linear(self.fc2, self.drop(self.act(linear(self.fc1, self.norm_ffn(x), cache))), cache)
+        return x + self.drop(h)
 
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
@@ -308,11 +254,20 @@ class TransformerLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.precision = "fp32"
+        # intra-op threads of the sampling loop on a CPU: one core already streams the weights at about
+        # the memory bandwidth, and more threads hand off every small operation (costly on a busy machine)
+        self.decode_threads = 1
         self.embed = nn.ModuleList(nn.Embedding(cfg.card + 1, cfg.dim) for _ in range(cfg.num_codebooks))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.heads = nn.Linear(cfg.dim, cfg.num_codebooks * cfg.card, bias=False)  # K heads, fused
         self._positions = torch.empty(0, cfg.dim)
+        # name -> (weight, (its address, its version), oneDNN copy); holding the weight keeps another
+        # tensor from taking its address while the copy is kept
+        self._packed: dict[str, tuple[Tensor, tuple[int, int], Tensor]] = {}
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_packed": {}}  # oneDNN tensors do not pickle or copy; they are remade
 
     @property
     def device(self) -> torch.device:
@@ -343,6 +298,7 @@ class TransformerLM(nn.Module):
             for module, name, child in linears:
                 setattr(module, name, PackedLinear(child.weight, precision))
         self.precision = precision
+        self._packed = {}
         return self
 
     def positions(self, start: int, length: int, like: Tensor) -> Tensor:
@@ -379,7 +335,7 @@ class TransformerLM(nn.Module):
         cross_kv, bias = self._cross(conditions.cross, conditions.cross_mask)
         for i, layer in enumerate(self.layers):
             x = layer(x, None, i, cross_kv[i] if cross_kv else None, bias)
-        return self._logits(self.norm(x[:, prefix:]))
+        return self._logits(self.norm(x[:, prefix:]), None)
 
     def _cross(self, cross: Tensor | None, mask: Tensor | None):
         """Per-layer cross-attention keys/values of [N, L, D] states, and the [N, 1, 1, L] bias."""
@@ -390,56 +346,52 @@ class TransformerLM(nn.Module):
         cross = cross.to(self.dtype)
         return [layer.cross_attn.memory(cross) for layer in self.layers], self.cross_bias(mask, self.dtype)
 
-    def _logits(self, h: Tensor) -> Tensor:
+    def _logits(self, h: Tensor, cache: KVCache | None) -> Tensor:
         n, t, _ = h.shape
-        return self.heads(h).view(n, t, self.cfg.num_codebooks, self.cfg.card).transpose(1, 2)  # [N,K,T,card]
+        return linear(self.heads, h, cache).view(n, t, self.cfg.num_codebooks, self.cfg.card).transpose(1, 2)  # [N,K,T,card]
 
     # -- incremental decoding -------------------------------------------------------------------
     def new_cache(self, conditions: LMConditions, max_steps: int) -> KVCache:
         """A cache for `max_steps` token steps (plus the prefix), with cross keys/values computed once
-        (for the rows that can see anything), split into row groups when several CPU threads are set."""
+        for the rows that can see anything, and (CPU) the step's weights packed for oneDNN."""
         rows = conditions.rows
         prefix = 0 if conditions.prefix is None else conditions.prefix.shape[1]
-        cache = KVCache.allocate(self.cfg, rows, prefix + max_steps, self.dtype, self.device)
+        cache = KVCache(self.cfg, rows, prefix + max_steps, self.dtype, self.device)
         if self.cfg.conditioning == "cross":
             cache.attending = attending_rows(conditions.cross, conditions.cross_mask)
             mask = None if conditions.cross_mask is None else conditions.cross_mask[: cache.attending]
             cache.cross, cache.cross_bias = self._cross(conditions.cross[: cache.attending], mask)
-        self.positions(0, prefix + max_steps, cache.k)  # grown here, not concurrently in the workers
-        threads = torch.get_num_threads()
-        groups = min(threads, rows) if self.device.type == "cpu" else 1
-        if groups > 1:
-            sizes = [rows // groups + (g < rows % groups) for g in range(groups)]
-            starts = [sum(sizes[:g]) for g in range(groups)]
-            cache.bounds = [(a, a + n) for a, n in zip(starts, sizes)]
-            cache.groups = [cache.rows(a, b) for a, b in cache.bounds]
-            cache.workers = row_workers(groups, threads // groups)
+        cache.packed = self._packed_weights(rows)
         return cache
+
+    def _packed_weights(self, rows: int) -> dict[nn.Module, Tensor]:
+        """oneDNN copies of the step's Linear weights, made for `rows`-row products and reused until a
+        weight changes (new storage or an in-place update). {} where oneDNN cannot take the dtype."""
+        supported = {torch.float32: True, torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported()}
+        if self.device.type != "cpu" or not torch.backends.mkldnn.is_available() or not supported.get(self.dtype):
+            return {}
+        step_linears = {n: m for n, m in self.named_modules() if isinstance(m, nn.Linear) and not n.endswith("cross_attn.kv")}
+        packed = {}
+        for name, module in step_linears.items():
+            w = module.weight
+            stamp = (w.data_ptr(), w._version)
+            cached = self._packed.get(name)
+            if cached is None or cached[0] is not w or cached[1] != stamp:
+                self._packed[name] = (w, stamp, torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows))
+            packed[module] = self._packed[name][2]
+        return packed
 
     def step(self, tokens: Tensor, cache: KVCache, conditions: LMConditions | None = None) -> Tensor:
         """Feed new steps [N, K, T] (T >= 1) through the cache; returns the logits of the last step,
         [N, K, card]. The prefix (prefix models) is prepended on the first call, when the cache is empty."""
-        prefix = None
+        x = self.embed_tokens(tokens)
         if cache.length == 0 and conditions is not None and conditions.prefix is not None:
-            prefix = conditions.prefix
-        if cache.groups:
-            jobs = [(tokens[a:b], part, None if prefix is None else prefix[a:b]) for (a, b), part in zip(cache.bounds, cache.groups)]
-            logits = torch.cat(cache.workers.map(self._step, jobs))
-        else:
-            logits = self._step(tokens, cache, prefix)
-        added = tokens.shape[-1] + (0 if prefix is None else prefix.shape[1])
-        for c in [cache, *cache.groups]:
-            c.length += added
-        return logits
-
-    def _step(self, tokens: Tensor, cache: KVCache, prefix: Tensor | None) -> Tensor:
-        x = self.embed_tokens(tokens)  # [N, T, D]
-        if prefix is not None:
-            x = torch.cat([prefix.to(x), x], dim=1)
+            x = torch.cat([conditions.prefix.to(x), x], dim=1)
         x = x + self.positions(cache.length, x.shape[1], x)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cache, i, cache.cross[i] if cache.cross else None, cache.cross_bias, cache.attending)
-        return self._logits(self.norm(x[:, -1:]))[:, :, 0]
+            x = layer(x, cache, i, cache.cross[i] if cache.cross else None, cache.cross_bias)
+        cache.length += x.shape[1]
+        return self._logits(self.norm(x[:, -1:]), cache)[:, :, 0]
 
 
 def attending_rows(cross: Tensor, mask: Tensor | None) -> int:

@@ -5,10 +5,15 @@ logits (`uncond + (cond - uncond) * cfg_coef`, the two halves of one batch), sam
 per codebook and writes it where the pattern has a free slot; slots the pattern leaves empty
 keep the special token and prompt slots keep the prompt. Randomness comes from one seeded
 `torch.Generator` per batch row, so a row's tokens depend on its seed, not on its neighbours.
+
+On a CPU the loop runs on `lm.decode_threads` intra-op threads (default 1, see lm.py), restoring the
+caller's thread count afterwards.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +91,17 @@ def sample_next(logits: Tensor, params: SamplingParams, u: Tensor) -> Tensor:
     return _pick(torch.softmax(top, dim=-1), idx, u)
 
 
+@contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count for this thread set to n, then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.no_grad()
 def generate_tokens(
     lm: TransformerLM,
@@ -119,21 +135,22 @@ def generate_tokens(
     rows = copies * batch
     if conditions.rows != rows:
         raise ValueError(f"conditions have {conditions.rows} rows, expected {rows}")
-    cache = lm.new_cache(conditions, steps)
-    inputs = seq[:, :, :first].repeat(copies, 1, 1)  # [rows, K, first]: every known step, fed at once
-    step_tokens = seq.new_empty(copies, batch, k_books, 1)  # the next inputs, written in place
-    u = torch.empty(batch, k_books)  # [B, K] one uniform per row and codebook
-    bar = tqdm(total=steps - first, disable=not progress, desc="generating", unit="step")
-    for s in range(first, steps):
-        logits = lm.step(inputs, cache, conditions).float()  # [rows, K, card]
-        if params.guided:
-            logits = classifier_free_guidance(logits, params.cfg_coef)
-        for row, g in enumerate(generators):
-            torch.rand(k_books, generator=g, out=u[row])
-        sampled = sample_next(logits, params, u.to(device))  # [B, K]
-        seq[:, :, s] = torch.where(free[:, s], sampled, seq[:, :, s])
-        step_tokens.copy_(seq[None, :, :, s : s + 1])
-        inputs = step_tokens.view(rows, k_books, 1)
-        bar.update(1)
-    bar.close()
+    with intra_op_threads(lm.decode_threads) if device.type == "cpu" else nullcontext():
+        cache = lm.new_cache(conditions, steps)
+        inputs = seq[:, :, :first].repeat(copies, 1, 1)  # [rows, K, first]: every known step, fed at once
+        step_tokens = seq.new_empty(copies, batch, k_books, 1)  # the next inputs, written in place
+        u = torch.empty(batch, k_books)  # [B, K] one uniform per row and codebook
+        bar = tqdm(total=steps - first, disable=not progress, desc="generating", unit="step")
+        for s in range(first, steps):
+            logits = lm.step(inputs, cache, conditions).float()  # [rows, K, card]
+            if params.guided:
+                logits = classifier_free_guidance(logits, params.cfg_coef)
+            for row, g in enumerate(generators):
+                torch.rand(k_books, generator=g, out=u[row])
+            sampled = sample_next(logits, params, u.to(device))  # [B, K]
+            seq[:, :, s] = torch.where(free[:, s], sampled, seq[:, :, s])
+            step_tokens.copy_(seq[None, :, :, s : s + 1])
+            inputs = step_tokens.view(rows, k_books, 1)
+            bar.update(1)
+        bar.close()
     return pattern.revert(seq, frames)

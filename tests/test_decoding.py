@@ -1,0 +1,118 @@
+"""Decoding internals: the null-row skip, packed weights, the decoding thread count, opt-in precisions."""
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import musicgen_lite
+from musicgen_lite.lm import attending_rows
+
+CAPTIONS = ["mozart sonata allegro in a bright major key with fast runs", "sad adagio"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_musicgen_dir):
+    return musicgen_lite.load_model(tiny_musicgen_dir)
+
+
+def step_logits(lm, conditions, tokens, packed: bool, attending: int | None = None) -> torch.Tensor:
+    """Logits of three decoding steps fed `tokens` [N, K, 3] one step at a time: [3, N, K, card]."""
+    cache = lm.new_cache(conditions, tokens.shape[-1])
+    if not packed:
+        cache.packed = {}
+    if attending is not None:  # undo the skip: every row cross-attends, with its own (zero) keys and values
+        cache.attending = attending
+        cache.cross, cache.cross_bias = lm._cross(conditions.cross, conditions.cross_mask)
+    with torch.no_grad():
+        return torch.stack([lm.step(tokens[:, :, s : s + 1], cache, conditions) for s in range(tokens.shape[-1])])
+
+
+def test_null_rows_skip_cross_attention_exactly(model):
+    conditions = model.conditions(CAPTIONS, None, guided=True)  # 2 conditional rows, then 2 null rows
+    assert attending_rows(conditions.cross, conditions.cross_mask) == 2
+    tokens = torch.randint(0, model.lm.cfg.card, (4, model.lm.cfg.num_codebooks, 3), generator=torch.Generator().manual_seed(0))
+    skipped = step_logits(model.lm, conditions, tokens, packed=False)
+    full = step_logits(model.lm, conditions, tokens, packed=False, attending=4)
+    assert torch.equal(skipped[:, 2:], full[:, 2:])  # null rows: x + 0 is x
+    torch.testing.assert_close(skipped[:, :2], full[:, :2])  # conditional rows: a 2-row instead of a 4-row product
+    layer, x = model.lm.layers[0], torch.randn(4, 1, model.lm.cfg.dim)
+    kv = layer.cross_attn.memory(conditions.cross)
+    with torch.no_grad():
+        update = layer.cross_attn(x, kv, model.lm.cross_bias(conditions.cross_mask, x.dtype))
+    assert torch.all(update[2:] == 0)
+
+
+def test_rows_with_text_or_a_mask_are_not_silent():
+    cross, mask = torch.zeros(3, 5, 8), torch.zeros(3, 5)
+    cross[0, 1], mask[1, 0] = 1.0, 1  # row 0 has states, row 1 a mask, row 2 neither
+    assert attending_rows(cross, mask) == 2
+    assert attending_rows(cross, None) == 3
+    assert attending_rows(torch.zeros(2, 5, 8), torch.zeros(2, 5)) == 0
+
+
+def test_packed_weights_give_the_plain_products_and_follow_weight_updates(tiny_musicgen_dir):
+    fresh = musicgen_lite.load_model(tiny_musicgen_dir)  # its weights are changed below
+    lm, conditions = fresh.lm, fresh.conditions(CAPTIONS, None, guided=True)
+    tokens = torch.randint(0, lm.cfg.card, (4, lm.cfg.num_codebooks, 3), generator=torch.Generator().manual_seed(1))
+    cache = lm.new_cache(conditions, 3)
+    assert len(cache.packed) == 6 * lm.cfg.num_layers + 1  # self qkv/out, cross q/out, fc1, fc2 per layer; heads
+    assert lm.new_cache(conditions, 3).packed[lm.heads] is cache.packed[lm.heads]  # made once, reused
+    torch.testing.assert_close(step_logits(lm, conditions, tokens, True), step_logits(lm, conditions, tokens, False))
+    with torch.no_grad():
+        lm.layers[0].fc1.weight.mul_(2.0)  # an in-place update (as an optimizer step makes) repacks
+    lm.layers[1].fc2.weight = torch.nn.Parameter(torch.randn_like(lm.layers[1].fc2.weight))  # so does a new tensor
+    repacked = lm.new_cache(conditions, 3).packed
+    assert repacked[lm.layers[0].fc1] is not cache.packed[lm.layers[0].fc1]
+    assert repacked[lm.layers[1].fc2] is not cache.packed[lm.layers[1].fc2]
+    assert repacked[lm.heads] is cache.packed[lm.heads]
+    torch.testing.assert_close(step_logits(lm, conditions, tokens, True), step_logits(lm, conditions, tokens, False))
+
+
+def test_decoding_threads_do_not_change_tokens_or_the_callers_thread_count(model):
+    before = torch.get_num_threads()
+    one = musicgen_lite.generate(CAPTIONS, duration=0.3, model=model, top_k=1)
+    assert torch.get_num_threads() == before
+    model.lm.decode_threads = 2
+    try:
+        two = musicgen_lite.generate(CAPTIONS, duration=0.3, model=model, top_k=1)
+    finally:
+        model.lm.decode_threads = 1
+    np.testing.assert_array_equal(one.tokens, two.tokens)
+    assert torch.get_num_threads() == before
+
+
+def test_an_lm_with_packed_weights_copies_and_pickles(model):
+    model.lm.new_cache(model.conditions(["x"], None, guided=True), 2)  # packs
+    assert model.lm._packed
+    for clone in (copy.deepcopy(model.lm), pickle.loads(pickle.dumps(model.lm))):
+        assert clone._packed == {}
+        for a, b in zip(clone.state_dict().values(), model.lm.state_dict().values()):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("precision, tolerance", [("bf16", 0.05), ("fp16", 0.005), ("int8", 0.15)])
+def test_opt_in_precisions_stay_close_to_fp32(tiny_musicgen_dir, model, precision, tolerance):
+    low = musicgen_lite.load_model(tiny_musicgen_dir, precision=precision)
+    assert low.lm.precision == precision
+    conditions = model.conditions(CAPTIONS, None, guided=True)
+    tokens = torch.randint(0, model.lm.cfg.card, (4, model.lm.cfg.num_codebooks, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref, out = model.lm(tokens, conditions), low.lm(tokens, conditions).float()
+    assert (out - ref).abs().max() <= tolerance * ref.abs().max()
+    result = musicgen_lite.generate(CAPTIONS, duration=0.3, model=low, seed=0)
+    assert result.tokens.shape == (2, 4, 15) and np.isfinite(result.audio).all()
+
+
+def test_precision_errors(tiny_musicgen_dir):
+    with pytest.raises(ValueError, match="precision must be one of"):
+        musicgen_lite.load_model(tiny_musicgen_dir, precision="fp8")
+    int8 = musicgen_lite.load_model(tiny_musicgen_dir, precision="int8")
+    with pytest.raises(RuntimeError, match="inference only"):
+        int8.lm.state_dict()
+    with pytest.raises(ValueError, match="already int8"):
+        int8.lm.set_precision("fp16")
+    bf16 = musicgen_lite.load_model(tiny_musicgen_dir, precision="bf16")
+    assert all(t.dtype == torch.bfloat16 for t in bf16.lm.state_dict().values())
