@@ -183,23 +183,37 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass
 class AudioData:
-    train: list[Tensor]  # mono waveforms [N_i] at the codec rate
-    valid: list[Tensor]
+    train: list["AudioFile"]
+    valid: list["AudioFile"]
     left_out: int  # files marked "test"
     skipped: int  # unreadable files
 
 
-def read_audio(path: Path, sample_rate: int) -> Tensor:
-    """A file as a mono float32 waveform [N] at `sample_rate`; ValueError if it holds no usable audio."""
-    data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # [N, C]
-    wav = torch.from_numpy(data).mean(dim=1)
-    if wav.numel() == 0:
-        raise ValueError("no samples")
-    if not torch.isfinite(wav).all():
-        raise ValueError("non-finite samples")
-    if rate != sample_rate:
-        wav = julius.resample_frac(wav, rate, sample_rate)
-    return wav
+class AudioFile:
+    """One file on disk, read a span at a time (hours of audio need not fit in memory):
+    len() and read() count samples at the codec rate, mono, whatever the file's own rate and channels."""
+
+    def __init__(self, path: Path, sample_rate: int) -> None:
+        info = sf.info(str(path))
+        if info.frames <= 0 or info.samplerate <= 0:
+            raise ValueError("no samples")
+        self.path, self.rate, self.sample_rate = path, info.samplerate, sample_rate
+        self.frames = info.frames  # at the file's rate
+        self.length = info.frames * sample_rate // info.samplerate
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read(self, start: int = 0, length: int | None = None) -> Tensor:
+        """Samples [start, start + length) at the codec rate as a float32 tensor (shorter at the end)."""
+        length = self.length - start if length is None else length
+        first = start * self.rate // self.sample_rate
+        count = -(-length * self.rate // self.sample_rate) + 1  # one spare frame for rounding
+        data, _ = sf.read(str(self.path), start=first, frames=count, dtype="float32", always_2d=True)  # [n, C]
+        wav = torch.from_numpy(data).mean(dim=1).nan_to_num(0.0, 0.0, 0.0)
+        if self.rate != self.sample_rate:
+            wav = julius.resample_frac(wav, self.rate, self.sample_rate)
+        return wav[:length]
 
 
 def hash_split(relative_path: str, valid_fraction: float) -> str:
@@ -231,20 +245,20 @@ def metadata_splits(root: Path) -> dict[str, str]:
 
 
 def load_audio_data(root: Path, sample_rate: int, valid_fraction: float) -> AudioData:
-    """Read every audio file under root into memory, split by whole files."""
+    """Every readable audio file under root, split by whole files (read lazily, a segment at a time)."""
     if not root.is_dir():
         raise UsageError(f"--data {root} is not a directory")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
     if not files:
         raise UsageError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) under {root}")
     from_metadata = metadata_splits(root)
-    waves: dict[str, list[Tensor]] = {"train": [], "valid": [], "test": []}
-    hashed: list[tuple[str, Tensor]] = []  # (relative path, wav) of files split by hash
+    waves: dict[str, list[AudioFile]] = {"train": [], "valid": [], "test": []}
+    hashed: list[tuple[str, AudioFile]] = []  # (relative path, file) of files split by hash
     skipped = 0
     for path in files:
         relative = path.relative_to(root).as_posix()
         try:
-            wav = read_audio(path, sample_rate)
+            wav = AudioFile(path, sample_rate)
         except Exception as e:  # any failure to decode makes the file unusable, whatever raised it
             reason = " ".join(str(e).split()) or type(e).__name__
             print(f"warning: skipping unreadable audio file {path}: {reason}", file=sys.stderr, flush=True)
@@ -270,7 +284,7 @@ def load_audio_data(root: Path, sample_rate: int, valid_fraction: float) -> Audi
     return AudioData(waves["train"], waves["valid"], len(waves["test"]), skipped)
 
 
-def sample_batch(waves: list[Tensor], batch_size: int, length: int, generator: torch.Generator) -> Tensor:
+def sample_batch(waves: list[AudioFile], batch_size: int, length: int, generator: torch.Generator) -> Tensor:
     """Random segments [B, 1, length]: files drawn in proportion to their length, short ones zero-padded."""
     sizes = torch.tensor([len(w) for w in waves], dtype=torch.float)
     picks = torch.multinomial(sizes, batch_size, replacement=True, generator=generator)
@@ -278,15 +292,16 @@ def sample_batch(waves: list[Tensor], batch_size: int, length: int, generator: t
     for row, i in enumerate(picks.tolist()):
         wav = waves[i]
         start = int(torch.randint(max(1, len(wav) - length + 1), (1,), generator=generator))
-        piece = wav[start : start + length]
+        piece = wav.read(start, length)
         batch[row, 0, : len(piece)] = piece
     return batch
 
 
-def validation_segments(waves: list[Tensor], length: int, max_segments: int) -> Tensor:
+def validation_segments(files: list[AudioFile], length: int, max_segments: int) -> Tensor:
     """Consecutive non-silent segments [M, 1, length] of the validation files, at most max_segments, evenly spread."""
     segments = []
-    for wav in waves:
+    for file in files:
+        wav = file.read()
         for start in range(0, max(1, len(wav) - length + 1), length):
             piece = F.pad(wav[start : start + length], (0, max(0, length - (len(wav) - start))))
             if piece.pow(2).mean().sqrt() > SILENCE_RMS:

@@ -250,7 +250,7 @@ def test_export_loads_with_encodec_codec_and_matches_our_rvq(tmp_path):
     codec = EncodecCodec.from_pretrained(run)
     assert (codec.num_codebooks, codec.cardinality, codec.sample_rate, codec.frame_rate) == (3, 16, SR, 50)
     assert codec.model.config.normalize is False and codec.model.config.chunk_length_s is None
-    wav = torch.cat([w[: SR // 2] for w in data.train + data.valid])[None, None]  # every tone in turn, [1, 1, N]
+    wav = torch.cat([w.read(0, SR // 2) for w in data.train + data.valid])[None, None]  # every tone in turn, [1, 1, N]
     with torch.no_grad():
         out = ours(wav)
         decoded = ours.decoder(ours.quantizer.decode(out.codes))
