@@ -122,6 +122,22 @@ def _result(model: MusicGen, tokens: torch.Tensor, texts: list[str]) -> Generati
     )
 
 
+def check_request(text, duration, top_k, top_p, temperature, cfg_coef, melody=None):
+    """(texts, duration, SamplingParams, melodies or None) for a generation request, or a one-line
+    ValueError / FileNotFoundError; nothing is loaded, so callers can check before loading a model."""
+    texts, duration, params = _checked(text, duration, top_k, top_p, temperature, cfg_coef)
+    if melody is None:
+        return texts, duration, params, None
+    items = list(melody) if isinstance(melody, (list, tuple)) else [melody]
+    if not items:
+        raise ValueError("melody list is empty")
+    texts, items = _broadcast(texts, items, "melodies")
+    for m in items:
+        if isinstance(m, (str, Path)) and not Path(m).is_file():
+            raise FileNotFoundError(f"melody file {m} does not exist")
+    return texts, duration, params, items
+
+
 def generate(
     text: str | list[str],
     *,
@@ -140,17 +156,7 @@ def generate(
 
     frames = round(duration * frame_rate); the audio has frames * hop samples. top_k=1 is greedy.
     """
-    texts, duration, params = _checked(text, duration, top_k, top_p, temperature, cfg_coef)
-    melodies = None
-    if melody is not None:
-        items = list(melody) if isinstance(melody, (list, tuple)) else [melody]
-        if not items:
-            raise ValueError("melody list is empty")
-        texts, items = _broadcast(texts, items, "melodies")
-        for m in items:
-            if isinstance(m, (str, Path)) and not Path(m).is_file():
-                raise FileNotFoundError(f"melody file {m} does not exist")
-        melodies = items
+    texts, duration, params, melodies = check_request(text, duration, top_k, top_p, temperature, cfg_coef, melody)
     generators = _generators(seed, len(texts))
     lm_model = get_model(model)
     wavs = None

@@ -10,7 +10,8 @@ import soundfile as sf
 
 from conditioning.chroma import load_melody
 
-from .api import generate
+from .api import check_request, generate, get_model
+from .lm import PRECISIONS
 from .audio_io import check_output
 
 
@@ -69,6 +70,8 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--float", action="store_true", help="write 32-bit float WAV instead of 16-bit PCM")
     p.add_argument("--plot", action="store_true", help="also write <out stem>.png: waveform, spectrogram, chromagrams (needs the [plot] extra)")
     p.add_argument("--model", help="model directory or cached hub id (default: the bundled model)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="LM weights: fp32 (exact, default); "
+                   "bf16, fp16 or int8 trade exactness for speed")
     p.add_argument("--seed", type=int, help="random seed for reproducible output")
     p.add_argument("--top-k", type=int, default=250, help="sample among the k most likely codes (1 = greedy)")
     p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass (0 = off; wins over top-k)")
@@ -85,11 +88,14 @@ def generate_main(argv: list[str] | None = None) -> int:
         subtype = "FLOAT" if args.float else "PCM_16"
         check_output(args.out, subtype=subtype, loudness=loudness)
         plot = _plotter() if args.plot else None
+        check_request(prompts, args.duration, args.top_k, args.top_p, args.temperature, args.cfg, args.melody)
+        model = get_model(args.model)
+        model.lm.set_precision(args.precision)
         result = generate(
             prompts,
             melody=args.melody,
             duration=args.duration,
-            model=args.model,
+            model=model,
             top_k=args.top_k,
             top_p=args.top_p,
             temperature=args.temperature,
