@@ -28,7 +28,7 @@ The run directory RUN holds:
 Re-running the same command resumes from the newest checkpoint. Steps whose loss or
 gradients are not finite are skipped, and nothing non-finite is ever saved.
 
-Audio: every .wav/.flac/.ogg/.mp3 under --data (recursively), read with soundfile,
+Audio: every .wav/.flac/.ogg/.mp3 under --data (recursively), read with soundfile a segment at a time,
 mixed to mono and resampled to the codec rate; unreadable files are skipped with a
 warning. Whole files go to train or validation: by the "split" field of DIR/metadata.jsonl
 (lines like {"path": "audio/x.wav", "split": "valid"}; "test" files are left out) where
@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import json
 import math
 import os
 import sys
@@ -60,10 +59,9 @@ from transformers.models.encodec.modeling_encodec import EncodecResidualVectorQu
 from transformers.utils import logging as hf_logging
 
 from codebooks.rvq import ResidualVQ
+from musicgen_lite.audio_data import DataError, read_metadata, scan
 
 PROG = "train.py codec"
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
-VALID_SPLITS = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid", "test": "test"}
 MEL_FFT_SIZES = (256, 512, 1024, 2048)
 DISC_FFT_SIZES = (2048, 1024, 512)
 SILENCE_RMS = 1e-4  # validation segments quieter than this (-80 dBFS) have no meaningful SI-SDR
@@ -183,13 +181,13 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass
 class AudioData:
-    train: list["AudioFile"]
-    valid: list["AudioFile"]
+    train: list["LazyAudio"]
+    valid: list["LazyAudio"]
     left_out: int  # files marked "test"
     skipped: int  # unreadable files
 
 
-class AudioFile:
+class LazyAudio:
     """One file on disk, read a span at a time (hours of audio need not fit in memory):
     len() and read() count samples at the codec rate, mono, whatever the file's own rate and channels."""
 
@@ -216,65 +214,34 @@ class AudioFile:
         return wav[:length]
 
 
-def hash_split(relative_path: str, valid_fraction: float) -> str:
-    """'valid' for a fixed, path-determined `valid_fraction` of files, else 'train'."""
-    digest = int(hashlib.sha1(relative_path.encode("utf-8")).hexdigest()[:8], 16)
-    return "valid" if digest / 2**32 < valid_fraction else "train"
-
-
-def metadata_splits(root: Path) -> dict[str, str]:
-    """Relative path -> 'train' | 'valid' | 'test' from root/metadata.jsonl lines that carry a split."""
-    path = root / "metadata.jsonl"
-    if not path.is_file():
-        return {}
-    splits = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path} line {number} is not valid JSON: {e}") from None
-        if not isinstance(row, dict) or "path" not in row or "split" not in row:
-            continue
-        split = VALID_SPLITS.get(str(row["split"]).lower())
-        if split is None:
-            raise UsageError(f"{path} line {number}: unknown split {row['split']!r} (use train, valid or test)")
-        splits[Path(row["path"]).as_posix()] = split
-    return splits
-
-
 def load_audio_data(root: Path, sample_rate: int, valid_fraction: float) -> AudioData:
-    """Every readable audio file under root, split by whole files (read lazily, a segment at a time)."""
+    """Every readable audio file under root, split by whole files as `train.py lm` splits them
+    (musicgen_lite.audio_data.scan), read lazily, a segment at a time."""
     if not root.is_dir():
         raise UsageError(f"--data {root} is not a directory")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
-    if not files:
-        raise UsageError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) under {root}")
-    from_metadata = metadata_splits(root)
-    waves: dict[str, list[AudioFile]] = {"train": [], "valid": [], "test": []}
-    hashed: list[tuple[str, AudioFile]] = []  # (relative path, file) of files split by hash
+    try:
+        files, metadata = scan(root, valid_fraction), read_metadata(root.resolve())
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    waves: dict[str, list[LazyAudio]] = {"train": [], "valid": [], "test": []}
+    hashed: list[tuple[str, LazyAudio]] = []  # (relative path, audio) of files split by hash
     skipped = 0
-    for path in files:
-        relative = path.relative_to(root).as_posix()
+    for file in files:
         try:
-            wav = AudioFile(path, sample_rate)
+            wav = LazyAudio(file.path, sample_rate)
         except Exception as e:  # any failure to decode makes the file unusable, whatever raised it
             reason = " ".join(str(e).split()) or type(e).__name__
-            print(f"warning: skipping unreadable audio file {path}: {reason}", file=sys.stderr, flush=True)
+            print(f"warning: skipping unreadable audio file {file.path}: {reason}", file=sys.stderr, flush=True)
             skipped += 1
             continue
-        if relative in from_metadata:
-            waves[from_metadata[relative]].append(wav)
-        else:
-            hashed.append((relative, wav))
-    splits = [hash_split(relative, valid_fraction) for relative, _ in hashed]
-    if hashed and not waves["valid"] and "valid" not in splits and len(hashed) + len(waves["train"]) > 1:
-        # Too few files for the fraction to pick one: hold out the file with the lowest hash.
-        lowest = min(range(len(hashed)), key=lambda i: hashlib.sha1(hashed[i][0].encode("utf-8")).hexdigest())
-        splits[lowest] = "valid"
-    for (_, wav), split in zip(hashed, splits):
-        waves[split].append(wav)
+        waves[file.split].append(wav)
+        if not metadata.get(file.rel, {}).get("split"):
+            hashed.append((file.rel, wav))
+    if hashed and not waves["valid"] and len(waves["train"]) > 1:
+        # Too few files for the fraction to pick one: hold out the hashed file with the lowest hash.
+        _, lowest = min(hashed, key=lambda item: hashlib.sha1(item[0].encode("utf-8")).hexdigest())
+        waves["train"].remove(lowest)
+        waves["valid"].append(lowest)
     if not waves["train"] or not waves["valid"]:
         readable = sum(len(w) for w in waves.values())
         raise UsageError(
@@ -284,7 +251,7 @@ def load_audio_data(root: Path, sample_rate: int, valid_fraction: float) -> Audi
     return AudioData(waves["train"], waves["valid"], len(waves["test"]), skipped)
 
 
-def sample_batch(waves: list[AudioFile], batch_size: int, length: int, generator: torch.Generator) -> Tensor:
+def sample_batch(waves: list[LazyAudio], batch_size: int, length: int, generator: torch.Generator) -> Tensor:
     """Random segments [B, 1, length]: files drawn in proportion to their length, short ones zero-padded."""
     sizes = torch.tensor([len(w) for w in waves], dtype=torch.float)
     picks = torch.multinomial(sizes, batch_size, replacement=True, generator=generator)
@@ -297,7 +264,7 @@ def sample_batch(waves: list[AudioFile], batch_size: int, length: int, generator
     return batch
 
 
-def validation_segments(files: list[AudioFile], length: int, max_segments: int) -> Tensor:
+def validation_segments(files: list[LazyAudio], length: int, max_segments: int) -> Tensor:
     """Consecutive non-silent segments [M, 1, length] of the validation files, at most max_segments, evenly spread."""
     segments = []
     for file in files:

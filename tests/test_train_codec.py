@@ -13,11 +13,11 @@ import torch
 
 from codebooks.codec import EncodecCodec
 from codebooks.rvq import EMACodebook, ResidualVQ
+from musicgen_lite.audio_data import hash_split
 from codebooks.train_codec import (
     TrainConfig,
     build_codec,
     build_trainer,
-    hash_split,
     initialize_codebooks,
     load_audio_data,
     main,
