@@ -49,13 +49,18 @@ def _load(path: Path) -> MusicGen:
     raise ValueError(f"{path} holds neither a musicgen_lite model nor a transformers MusicGen checkpoint")
 
 
-def load_default_model() -> MusicGen:
+def load_default_model(precision: str = "fp32") -> MusicGen:
+    """The model bundled in the package (musicgen_lite/assets/default_model), see docs/MODEL_CARD.md."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if not (DEFAULT_MODEL_DIR / "config.json").is_file():
         raise FileNotFoundError(
             "no default model is bundled with this installation; pass model=PATH "
             "(a musicgen_lite model directory or a Hugging Face MusicGen checkpoint)"
         )
-    return MusicGen.from_pretrained(DEFAULT_MODEL_DIR)
+    model = MusicGen.from_pretrained(DEFAULT_MODEL_DIR)
+    model.lm.set_precision(precision)
+    return model
 
 
 def resolve_model_path(path_or_id: str | Path) -> Path:

@@ -10,7 +10,8 @@ import soundfile as sf
 
 from conditioning.chroma import load_melody
 
-from .api import check_request, generate, get_model
+from .api import check_request, generate
+from .checkpoints import load_default_model, load_model
 from .lm import PRECISIONS
 from .audio_io import check_output
 
@@ -82,6 +83,10 @@ def generate_parser() -> argparse.ArgumentParser:
 
 def generate_main(argv: list[str] | None = None) -> int:
     args = generate_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # stderr carries our own lines only: a path per output, or one error
+    hf_logging.disable_progress_bar()
     try:
         prompts = _prompts(args)
         loudness = None if args.no_loudness else args.loudness
@@ -89,8 +94,7 @@ def generate_main(argv: list[str] | None = None) -> int:
         check_output(args.out, subtype=subtype, loudness=loudness)
         plot = _plotter() if args.plot else None
         check_request(prompts, args.duration, args.top_k, args.top_p, args.temperature, args.cfg, args.melody)
-        model = get_model(args.model)
-        model.lm.set_precision(args.precision)
+        model = load_model(args.model, args.precision) if args.model else load_default_model(args.precision)
         result = generate(
             prompts,
             melody=args.melody,
