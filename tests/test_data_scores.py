@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from musicgen_lite.data import scores
+from musicgen_lite.data.scores import render
 from musicgen_lite.data.scores import (
     CaptionFields,
     Note,
@@ -241,8 +242,8 @@ def test_bach_chorale_renders_end_to_end(tmp_path, soundfont):
 
 
 def test_long_piece_is_cut_but_stays_one_piece_in_one_split(tmp_path, soundfont, monkeypatch):
-    monkeypatch.setattr(scores, "split_points", partial(split_points, max_seconds=20.0))
-    monkeypatch.setattr(scores, "CUT_SEARCH_SECONDS", 3.0)
+    monkeypatch.setattr(render, "split_points", partial(split_points, max_seconds=20.0))
+    monkeypatch.setattr(render, "CUT_SEARCH_SECONDS", 3.0)
     notes = _chords([(60, "maj"), (65, "maj"), (67, "maj")] * 8, seconds=2.0)
     perf = Performance(notes, tempos=[(0.0, 120.0)], metres=[(0.0, "4/4")], keys=[(0.0, 0)])
     info = _info(piece_id="long-one", work_id="long-work", composer="test", folder="test")
