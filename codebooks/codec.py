@@ -27,9 +27,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import julius
 import torch
 from transformers import EncodecConfig, EncodecModel
+
+from codebooks.audio import resample
 
 
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -147,8 +148,7 @@ class EncodecCodec(torch.nn.Module):
                 wav = wav.expand(-1, self.channels, -1)
             else:
                 raise ValueError(f"cannot map {channels}-channel audio to a {self.channels}-channel codec")
-        if sample_rate != self.sample_rate:
-            wav = julius.resample_frac(wav, sample_rate, self.sample_rate)
+        wav = resample(wav, sample_rate, self.sample_rate)
         if wav.shape[-1] == 0:
             raise ValueError(f"audio is too short to resample from {sample_rate} Hz to {self.sample_rate} Hz")
         return wav

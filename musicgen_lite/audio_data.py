@@ -24,25 +24,20 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-import julius
-import soundfile as sf
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from codebooks.audio import READ_ERRORS, read_chunks, resample, save_torch
 from codebooks.codec import EncodecCodec
 from conditioning.chroma import ChromaExtractor
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 METADATA_FILE = "metadata.jsonl"
 SPLIT_NAMES = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid", "test": "test"}
-READ_ERRORS = (sf.SoundFileError, RuntimeError, ValueError, OSError, EOFError)
 
 
 class DataError(ValueError):
@@ -121,21 +116,6 @@ def scan(data_dir: str | Path, valid_fraction: float = 0.05) -> list[AudioFile]:
     return files
 
 
-def read_chunks(path: Path, chunk_seconds: float) -> Iterator[tuple[Tensor, int, int]]:
-    """(wav [C, N] float32, sample rate, number of chunks) for consecutive chunks of at most
-    `chunk_seconds`; raises one of READ_ERRORS for a file that cannot be read."""
-    with sf.SoundFile(str(path)) as f:
-        if f.frames <= 0:
-            raise ValueError("no audio samples")
-        size = max(1, int(chunk_seconds * f.samplerate))
-        count = math.ceil(f.frames / size)
-        for _ in range(count):
-            data = f.read(size, dtype="float32", always_2d=True)  # [N, C]
-            if data.shape[0] == 0:
-                raise ValueError("file ends before its header says")
-            yield torch.from_numpy(data.T.copy()), f.samplerate, count
-
-
 class _ChunkReader(IterableDataset):
     """Yields (file index, chunk index, chunk count, wav [C, N], sample rate, error) for each chunk of
     each file; a file that fails yields one item with chunk index -1 and the reason. Worker w of W
@@ -173,17 +153,6 @@ def codec_fingerprint(codec: EncodecCodec) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def _save_atomic(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class TokenCache:
@@ -247,7 +216,7 @@ class TokenCache:
             if error is not None:
                 failed.add(index)
                 pending.pop(index, None)
-                _save_atomic({"error": error}, self.token_path(file))
+                save_torch({"error": error}, self.token_path(file))
                 continue
             parts = pending.setdefault(index, ([], []))
             parts[0].append(codes)
@@ -255,8 +224,8 @@ class TokenCache:
             if chunk == count - 1:
                 codes_list, chroma_list = pending.pop(index)
                 if self.chroma is not None:
-                    _save_atomic({"chroma": chroma_list}, self.chroma_path(file))
-                _save_atomic({"codes": codes_list}, self.token_path(file))
+                    save_torch({"chroma": chroma_list}, self.chroma_path(file))
+                save_torch({"codes": codes_list}, self.token_path(file))
         return len(todo)
 
     def _encode(self, wav: Tensor, rate: int) -> tuple[Tensor, Tensor | None]:
@@ -267,8 +236,7 @@ class TokenCache:
             return codes, None
         device = next(self.codec.parameters()).device
         mono = wav.to(device).mean(dim=0)  # [N]
-        if rate != self.chroma.sample_rate:
-            mono = julius.resample_frac(mono, rate, self.chroma.sample_rate)
+        mono = resample(mono, rate, self.chroma.sample_rate)
         pitch = self.chroma(mono[None])[0].argmax(dim=-1)  # [frames]
         return codes, pitch.to(torch.uint8).cpu()
 

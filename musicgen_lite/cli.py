@@ -6,8 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import soundfile as sf
-
+from codebooks.audio import read_audio
 from conditioning.chroma import load_melody
 
 from .api import check_request, generate
@@ -51,10 +50,10 @@ def _plotter():
 
 def _plot(plot_generation, audio_path: Path, melody_path: str | None) -> Path:
     """Plot what was written (after loudness normalisation) to <audio stem>.png beside it."""
-    data, rate = sf.read(str(audio_path), dtype="float32", always_2d=True)
+    data, rate = read_audio(audio_path)  # [C, N]
     melody = load_melody(melody_path, target_sample_rate=rate).numpy() if melody_path else None
     return plot_generation(
-        audio_path.with_suffix(".png"), data.T, rate, melody=melody, melody_sample_rate=rate if melody_path else None, title=audio_path.name
+        audio_path.with_suffix(".png"), data, rate, melody=melody, melody_sample_rate=rate if melody_path else None, title=audio_path.name
     )
 
 

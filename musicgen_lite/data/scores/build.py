@@ -23,7 +23,7 @@ from .corpus import (
     score_to_midi,
 )
 from .performance import force_piano, performance_from_midi
-from .render import Job, _atomic_write, default_soundfont, render_piece
+from .render import Job, default_soundfont, render_piece, write_text
 
 
 class PieceBudget:
@@ -141,7 +141,7 @@ class Ledger:
         self.rows = [row for row, _ in rows if (row["source"], row["piece"]) not in lost]
         if len(self.rows) != len(lines):
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.rows)
-            _atomic_write(self.metadata, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+            write_text(self.metadata, text)
         for row in self.rows:
             self.pieces_by_source.setdefault(row["source"], set()).add(row["piece"])
         lines = self.sources_file.read_text(encoding="utf-8").splitlines() if self.sources_file.exists() else []
@@ -149,7 +149,7 @@ class Ledger:
         self.done_sources = set(finished) - {source for source, _ in lost}
         if len(self.done_sources) != len(finished):  # forget lost sources for good, and duplicates
             text = "".join(f"{key}\n" for key in sorted(self.done_sources))
-            _atomic_write(self.sources_file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+            write_text(self.sources_file, text)
 
     def done_pieces(self, source: str) -> frozenset[str]:
         return frozenset(self.pieces_by_source.get(source, ()))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+
+from codebooks.audio import replacing
 
 from .captions import build_caption, split_for
 from .performance import Performance, PieceInfo, describe, humanize
@@ -88,7 +88,7 @@ class PianoSynth:
         return out
 
 
-def normalize_loudness(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+def normalize_rms(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Scale to a common loudness with headroom.
 
     SoundFonts differ by 20 dB (tinysoundfont plays .sf3 fonts quietly), so
@@ -134,29 +134,21 @@ def split_points(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, max_seconds:
     return cuts
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through ``write(tmp_path)`` then rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_wav(path: Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
     """16-bit mono wav, written atomically."""
     import soundfile
 
     pcm = np.clip(np.round(audio * 32767), -32768, 32767).astype(np.int16)
-    _atomic_write(path, lambda tmp: soundfile.write(tmp, pcm, sample_rate, subtype="PCM_16", format="WAV"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(path) as tmp:
+        soundfile.write(str(tmp), pcm, sample_rate, subtype="PCM_16", format="WAV")
 
 
 def write_text(path: Path, text: str) -> None:
     """UTF-8 text file, written atomically."""
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 # --------------------------------------------------------------------------
@@ -192,7 +184,7 @@ def render_piece(perf: Performance, info: PieceInfo, job: Job) -> list[dict[str,
     if not perf.notes:
         raise ValueError("no pitched notes")
     perf = humanize(perf, piece_rng(job.seed, info.piece_id))
-    audio = normalize_loudness(trim_silence(_synth(job.soundfont).render(perf)))
+    audio = normalize_rms(trim_silence(_synth(job.soundfont).render(perf)))
     bounds = [0, *split_points(audio), len(audio)]
     split = split_for(info.work_id)
     rows = []
@@ -202,7 +194,7 @@ def render_piece(perf: Performance, info: PieceInfo, job: Job) -> list[dict[str,
         end = b / SAMPLE_RATE if b < len(audio) else max(b / SAMPLE_RATE, perf.duration)
         caption = build_caption(describe(perf, info, a / SAMPLE_RATE, end))
         write_wav(wav, audio[a:b])
-        write_text(wav.with_suffix(".txt"), caption)
+        write_text(wav.with_suffix(".txt"), caption + "\n")
         rows.append({
             "path": wav.relative_to(job.out).as_posix(),
             "text": caption,
