@@ -8,7 +8,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "lm": ("musicgen_lite.train_lm", "train or fine-tune the MusicGen language model on a folder of audio"),
+    "lm": ("musicgen_lite.training.lm", "train or fine-tune the MusicGen language model on a folder of audio"),
     "codec": ("codebooks.train_codec", "train an EnCodec-style codec (written as a transformers EncodecModel)"),
 }
 USAGE = "usage: train.py {lm,codec} [options]"

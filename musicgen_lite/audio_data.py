@@ -35,6 +35,8 @@ from codebooks.audio import READ_ERRORS, read_chunks, resample, save_torch
 from codebooks.codec import EncodecCodec
 from conditioning.chroma import ChromaExtractor
 
+from .checkpoints import state_digest
+
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 METADATA_FILE = "metadata.jsonl"
 SPLIT_NAMES = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid", "test": "test"}
@@ -66,9 +68,15 @@ class Clip:
         return self.codes.shape[-1]
 
 
+def stable_hash(key: str) -> int:
+    """A 32-bit number from the sha1 of `key`: the same on every machine and in every run (unlike hash()),
+    which is what assigns a file or a work to its split."""
+    return int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:8], 16)
+
+
 def hash_split(rel: str, valid_fraction: float) -> str:
     """'valid' for about `valid_fraction` of paths, 'train' for the rest; a pure function of the path."""
-    bucket = int(hashlib.sha1(rel.encode("utf-8")).hexdigest()[:8], 16) / 16**8  # uniform in [0, 1)
+    bucket = stable_hash(rel) / 16**8  # uniform in [0, 1)
     return "valid" if bucket < valid_fraction else "train"
 
 
@@ -147,12 +155,8 @@ def one_line(error: BaseException) -> str:
 def codec_fingerprint(codec: EncodecCodec) -> str:
     """sha256 of the codec's config, codebook count and every weight: the part of a cache key that says
     "these tokens came from this codec"."""
-    h = hashlib.sha256(codec.model.config.to_json_string().encode())
-    h.update(str(codec.num_codebooks).encode())
-    for name, tensor in sorted(codec.model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    header = codec.model.config.to_json_string().encode() + str(codec.num_codebooks).encode()
+    return state_digest(codec.model.state_dict(), header)
 
 
 class TokenCache:

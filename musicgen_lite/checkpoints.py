@@ -7,6 +7,7 @@ the decoder's tensors are renamed (q/k/v and the K heads fused) into a `Transfor
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -148,3 +149,12 @@ def convert_decoder_state(hf: dict[str, Tensor], cfg: LMConfig) -> dict[str, Ten
             out[b + "norm_cross.weight"] = hf[f"{a}encoder_attn_layer_norm.weight"]
             out[b + "norm_cross.bias"] = hf[f"{a}encoder_attn_layer_norm.bias"]
     return out
+
+
+def state_digest(tensors: dict[str, Tensor], header: bytes = b"") -> str:
+    """sha256 of `header`, then every tensor's name and bytes in name order: equal digests, equal weights."""
+    h = hashlib.sha256(header)
+    for name, tensor in sorted(tensors.items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

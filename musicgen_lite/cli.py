@@ -13,15 +13,7 @@ from .api import check_request, generate
 from .checkpoints import load_default_model, load_model
 from .lm import PRECISIONS
 from .audio_io import check_output
-
-
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's own errors also exit 2, with one line
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from .cli_errors import ArgumentParser, UsageError, run_command
 
 
 def _prompts(args) -> list[str]:
@@ -58,7 +50,7 @@ def _plot(plot_generation, audio_path: Path, melody_path: str | None) -> Path:
 
 
 def generate_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="generate.py", description="Generate music from text (and optionally a hummed melody).")
+    p = ArgumentParser(prog="generate.py", description="Generate music from text (and optionally a hummed melody).")
     p.add_argument("--text", help="what the music should be, e.g. 'mozart sonata allegro'")
     p.add_argument("--batch-file", help="a text file with one prompt per line (outputs are numbered)")
     p.add_argument("--melody", help="a WAV/FLAC/OGG/MP3 of a melody to follow (melody models)")
@@ -86,7 +78,7 @@ def generate_main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()  # stderr carries our own lines only: a path per output, or one error
     hf_logging.disable_progress_bar()
-    try:
+    def body() -> int:
         prompts = _prompts(args)
         loudness = None if args.no_loudness else args.loudness
         subtype = "FLOAT" if args.float else "PCM_16"
@@ -109,12 +101,8 @@ def generate_main(argv: list[str] | None = None) -> int:
         outputs = []
         for path in result.save(args.out, loudness=loudness, subtype=subtype):
             outputs += [path] if plot is None else [path, _plot(plot, path, args.melody)]
-    except (UsageError, ValueError, FileNotFoundError) as e:
-        print(f"generate.py: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("generate.py: interrupted; nothing written", file=sys.stderr)
-        return 130
-    for path in outputs:
-        print(path)
-    return 0
+        for path in outputs:
+            print(path)
+        return 0
+
+    return run_command("generate.py", body, "interrupted; nothing written", (UsageError, ValueError, FileNotFoundError))

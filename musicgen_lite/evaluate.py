@@ -62,7 +62,7 @@ from conditioning.null import null_text
 from .api import generate
 from .audio_data import AudioFile, DataError, scan
 from .checkpoints import load_model
-from .cli import UsageError, _Parser
+from .cli_errors import ArgumentParser, UsageError
 from .hum import GLIDE_SECONDS, random_melody, synth_hum
 from .lm import LMConditions
 from .model import MusicGen
@@ -690,7 +690,7 @@ def _positive(kind: type):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m musicgen_lite.evaluate",
+    p = ArgumentParser(prog="python -m musicgen_lite.evaluate",
                 description="Measure codec fidelity, LM cross-entropy, melody and text adherence of a model.")
     p.add_argument("section", choices=(*SECTIONS, "all"))
     p.add_argument("--model", required=True, help="model directory (ours or a transformers MusicGen checkpoint)")

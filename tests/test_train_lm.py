@@ -25,7 +25,10 @@ from safetensors.torch import load_file
 import musicgen_lite
 from codebooks.codec import EncodecCodec
 from conditioning.chroma import ChromaExtractor
-from musicgen_lite import audio_data, train_lm
+from musicgen_lite import audio_data
+from musicgen_lite.training import checkpoints as ckpt
+from musicgen_lite.training import lm as train_lm
+from musicgen_lite.training import lm_batches, lm_model
 from musicgen_lite.audio_data import TokenCache, chroma_span, scan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,17 +162,17 @@ def test_a_segment_gets_the_chroma_of_its_own_time_span(data_dir, codec_dir, tmp
 def test_caption_augmentation_draws_subsets_and_orders_of_the_fields():
     g = torch.Generator().manual_seed(0)
     fields = [f.strip() for f in CAPTION.split(",")]
-    seen = [train_lm.augment_caption(CAPTION, g) for _ in range(300)]
+    seen = [lm_batches.augment_caption(CAPTION, g) for _ in range(300)]
     parts = [s.split(", ") for s in seen]
     assert all(p and set(p) <= set(fields) and len(set(p)) == len(p) for p in parts)
     assert {len(p) for p in parts} == set(range(1, 6))
     assert len({tuple(p) for p in parts if len(p) == 5}) > 1  # full captions in several orders
-    assert train_lm.augment_caption("solo cello", g) == "solo cello"
+    assert lm_batches.augment_caption("solo cello", g) == "solo cello"
 
 
 def test_loss_scores_only_real_codes_through_the_pattern(tiny_musicgen_dir):
     model = musicgen_lite.load_model(tiny_musicgen_dir)
-    net = train_lm.TeacherForcing(model)
+    net = lm_model.TeacherForcing(model)
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 32, (2, 4, 10), generator=g)
     valid = torch.ones(2, 10, dtype=torch.bool)
@@ -207,7 +210,7 @@ def test_finetune_a_transformers_checkpoint(tiny_musicgen_dir, data_dir, tmp_pat
     assert names == ["best.pt", "step-00000000.pt", "step-00000003.pt", "step-00000006.pt"]
 
     tuned, original = musicgen_lite.load_model(run), musicgen_lite.load_model(tiny_musicgen_dir)
-    last = train_lm.read_checkpoint(run / "checkpoints" / "step-00000006.pt")["model"]
+    last = ckpt.read_checkpoint(run / "checkpoints" / "step-00000006.pt")["model"]
     for name, p in tuned.lm.state_dict().items():
         assert torch.equal(p, last[f"lm.{name}"])
     assert not torch.equal(tuned.lm.heads.weight, original.lm.heads.weight)  # it trained
@@ -227,7 +230,7 @@ def test_from_scratch_melody_model_with_a_jointly_trained_t5(codec_dir, data_dir
     assert model.lm.cfg.card == 32 and model.max_duration == 0.5
     tokenizer = model.text.tokenizer
     assert tokenizer.unk_token_id not in tokenizer("mozart string quartet, menuetto")["input_ids"]
-    start = train_lm.read_checkpoint(run / "checkpoints" / "step-00000000.pt")["model"]
+    start = ckpt.read_checkpoint(run / "checkpoints" / "step-00000000.pt")["model"]
     changed = [k for k, v in model.text.state_dict().items() if k.startswith("encoder.") and not torch.equal(v, start[f"text.{k}"])]
     assert changed, "the T5 built from the captions trains with the LM"
     hum = torch.from_numpy(tones([392.0, 440.0], 1.0))
@@ -252,17 +255,17 @@ def straight_run(codec_dir, data_dir, tmp_path_factory) -> Path:
 
 def test_resumed_run_follows_the_uninterrupted_one_bitwise(straight_run, codec_dir, data_dir, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    write = train_lm.write_checkpoint
+    write = ckpt.write_checkpoint
 
     def write_then_crash(state, path):
         write(state, path)
         if state["step"] == 3:
             raise Crash
 
-    monkeypatch.setattr(train_lm, "write_checkpoint", write_then_crash)
+    monkeypatch.setattr(ckpt, "write_checkpoint", write_then_crash)
     with pytest.raises(Crash):
         train("--data", data_dir, "--out", run, "--codec", codec_dir, *SCRATCH)
-    monkeypatch.setattr(train_lm, "write_checkpoint", write)
+    monkeypatch.setattr(ckpt, "write_checkpoint", write)
     assert not (run / "model.safetensors").exists()
     capsys.readouterr()
     assert train("--data", data_dir, "--out", run, "--codec", codec_dir, *SCRATCH) == 0
@@ -300,7 +303,7 @@ def test_huge_learning_rate_ends_with_finite_weights(tiny_musicgen_dir, data_dir
     weights = final_weights(run)
     assert all(torch.isfinite(t).all() for t in weights.values())
     for path in (run / "checkpoints").glob("step-*.pt"):
-        assert train_lm.all_finite(train_lm.read_checkpoint(path)["model"])
+        assert ckpt.all_finite(ckpt.read_checkpoint(path)["model"])
 
 
 @pytest.mark.parametrize(
@@ -393,4 +396,4 @@ def test_torchrun_two_cpu_processes(tiny_musicgen_dir, data_dir, tmp_path):
     assert proc.stdout.count("done at step 4") == 1  # only the main process reports
     assert [int(r["step"]) for r in log_rows(run) if r["train_loss"]] == [1, 2, 3, 4]
     model = musicgen_lite.load_model(run)
-    assert train_lm.weights_digest(model).startswith(agreed.group(1))
+    assert lm_model.weights_digest(model).startswith(agreed.group(1))

@@ -32,7 +32,7 @@ and key helpers work without them.
     python -m musicgen_lite.data.scores --out data/scores --composers bach mozart
 """
 
-from .build import CliError, Ledger, PieceBudget, build, main, render_source, run
+from .build import Ledger, PieceBudget, build, main, render_source, run
 from .captions import (
     GENRE_WORDS,
     KNOWN_COMPOSERS,
@@ -100,7 +100,7 @@ __all__ = [
     "CORPUS_RULES", "CUT_SEARCH_SECONDS", "DRUM_CHANNEL", "EARLY_COLLECTIONS", "FOLK_COLLECTIONS",
     "GENRE_DEFAULT_BEAT_BPM", "GENRE_WORDS", "KNOWN_COMPOSERS", "MAX_FILE_SECONDS", "SAMPLE_RATE",
     "SCORE_VELOCITY_RANGE", "TEMPO_WORD_BPM", "TEST_PERCENT", "VALID_PERCENT",
-    "CaptionFields", "CliError", "Humanize", "Job", "Ledger", "Note", "Performance", "PianoSynth",
+    "CaptionFields", "Humanize", "Job", "Ledger", "Note", "Performance", "PianoSynth",
     "PieceBudget", "PieceInfo", "Source",
     "ascii_words", "bpm_bucket", "build", "build_caption", "corpus_collections", "corpus_sources",
     "default_soundfont", "describe", "estimate_key", "find_composer", "force_piano", "genre_words",

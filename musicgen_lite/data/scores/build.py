@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from ...cli_errors import ArgumentParser, UsageError, run_command
 from .corpus import (
     GENRE_DEFAULT_BEAT_BPM,
     Source,
@@ -24,6 +25,8 @@ from .corpus import (
 )
 from .performance import force_piano, performance_from_midi
 from .render import Job, default_soundfont, render_piece, write_text
+
+PROG = "python -m musicgen_lite.data.scores"
 
 
 class PieceBudget:
@@ -224,13 +227,9 @@ def build(sources: list[Source], job: Job, workers: int = 1, max_pieces: int | N
 # Command line
 
 
-class CliError(Exception):
-    """Bad input: reported as one line, exit code 2."""
-
-
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m musicgen_lite.data.scores",
+    parser = ArgumentParser(
+        prog=PROG,
         description="Render music21's corpus (or a MIDI folder) to captioned 32 kHz piano audio.",
     )
     parser.add_argument("--out", required=True, type=Path, help="dataset folder (created; re-runs resume)")
@@ -251,50 +250,49 @@ def _require(*modules: str) -> None:
 
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise CliError(f"missing packages {', '.join(missing)}: pip install music21 mido && "
+        raise UsageError(f"missing packages {', '.join(missing)}: pip install music21 mido && "
                        "pip install --no-deps tinysoundfont")
 
 
 def run(argv: list[str] | None = None) -> str:
-    """Run the command line; return the summary line. Raises CliError."""
+    """Run the command line; return the summary line. Raises UsageError."""
     args = _parse_args(argv)
     if args.workers < 1:
-        raise CliError("--workers must be at least 1")
+        raise UsageError("--workers must be at least 1")
     if args.max_pieces is not None and args.max_pieces < 1:
-        raise CliError("--max-pieces must be at least 1")
+        raise UsageError("--max-pieces must be at least 1")
     if args.midi is not None and not args.midi.is_dir():
-        raise CliError(f"--midi directory not found: {args.midi}")
+        raise UsageError(f"--midi directory not found: {args.midi}")
     if args.soundfont is not None and not args.soundfont.is_file():
-        raise CliError(f"soundfont not found: {args.soundfont}")
+        raise UsageError(f"soundfont not found: {args.soundfont}")
     if args.out.exists() and not args.out.is_dir():
-        raise CliError(f"--out is not a directory: {args.out}")
+        raise UsageError(f"--out is not a directory: {args.out}")
     soundfont = str(args.soundfont) if args.soundfont else default_soundfont()
     if soundfont is None:
-        raise CliError("no SoundFont found: pass --soundfont, or apt-get install fluid-soundfont-gm")
+        raise UsageError("no SoundFont found: pass --soundfont, or apt-get install fluid-soundfont-gm")
     with open(soundfont, "rb") as fh:
         header = fh.read(12)
     if header[:4] != b"RIFF" or header[8:12] != b"sfbk":
-        raise CliError(f"not a SoundFont (.sf2/.sf3): {soundfont}")
+        raise UsageError(f"not a SoundFont (.sf2/.sf3): {soundfont}")
     _require("mido", "tinysoundfont", "soundfile")
     if args.midi is not None:
         sources = midi_sources(args.midi)
         if not sources:
-            raise CliError(f"no .mid or .midi files under {args.midi}")
+            raise UsageError(f"no .mid or .midi files under {args.midi}")
     else:
         _require("music21")
         if args.composers:
             unknown = sorted(set(args.composers) - set(corpus_collections()))
             if unknown:
-                raise CliError(f"unknown composers {', '.join(unknown)}; choose from {' '.join(corpus_collections())}")
+                raise UsageError(f"unknown composers {', '.join(unknown)}; choose from {' '.join(corpus_collections())}")
         sources = corpus_sources(args.composers)
     job = Job(str(args.out), soundfont, args.seed)
     return build(sources, job, args.workers, args.max_pieces).summary()
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def body() -> int:
         print(run(argv), flush=True)
-    except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_command(None, body, "interrupted; run the same command again to resume")

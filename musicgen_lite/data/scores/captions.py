@@ -5,12 +5,13 @@ Pure helpers (numpy only): the words a person would type for a piece of music.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
+
+from ...audio_data import stable_hash
 
 VALID_PERCENT = 5
 TEST_PERCENT = 5
@@ -289,7 +290,7 @@ def build_caption(fields: CaptionFields) -> str:
 
 def split_for(work_id: str) -> str:
     """Deterministic train/valid/test split of a whole work by its id."""
-    bucket = int(hashlib.sha1(work_id.encode()).hexdigest()[:8], 16) % 100
+    bucket = stable_hash(work_id) % 100
     if bucket < TEST_PERCENT:
         return "test"
     return "valid" if bucket < TEST_PERCENT + VALID_PERCENT else "train"
