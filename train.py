@@ -9,7 +9,7 @@ import sys
 
 COMMANDS = {
     "lm": ("musicgen_lite.training.lm", "train or fine-tune the MusicGen language model on a folder of audio"),
-    "codec": ("codebooks.train_codec", "train an EnCodec-style codec (written as a transformers EncodecModel)"),
+    "codec": ("musicgen_lite.training.codec", "train an EnCodec-style codec (written as a transformers EncodecModel)"),
 }
 USAGE = "usage: train.py {lm,codec} [options]"
 

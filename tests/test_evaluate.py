@@ -10,6 +10,7 @@ import soundfile as sf
 import torch
 from transformers.audio_utils import mel_filter_bank
 
+import musicgen_lite
 from codebooks.patterns import DelayPattern
 from musicgen_lite import evaluate as ev
 from musicgen_lite.hum import MAJOR_SCALE, MINOR_SCALE, random_melody, synth_hum
@@ -307,7 +308,7 @@ def test_cli_writes_a_report_with_every_section(tiny_melody_dir, tiny_data_dir, 
     assert 0 <= text["mode_accuracy"] <= 1 and set(text["goal_met"]) == {"mode_accuracy", "tempo_ratio"}
 
     # seeded: the same run gives the same numbers
-    model = ev.load_model(tiny_melody_dir)
+    model = musicgen_lite.load_model(tiny_melody_dir)
     again = ev.run_sections("all", model, tiny_data_dir, "test", 3, 1.0, 2, 7)
     assert json.loads(json.dumps(again)) == {k: v for k, v in report.items() if k != "model"}
 

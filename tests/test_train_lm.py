@@ -4,6 +4,7 @@ exact resumption (in-process crash, SIGKILL, corrupt checkpoint), the NaN guard,
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import multiprocessing
@@ -397,3 +398,30 @@ def test_torchrun_two_cpu_processes(tiny_musicgen_dir, data_dir, tmp_path):
     assert [int(r["step"]) for r in log_rows(run) if r["train_loss"]] == [1, 2, 3, 4]
     model = musicgen_lite.load_model(run)
     assert lm_model.weights_digest(model).startswith(agreed.group(1))
+
+
+# -- TensorBoard ----------------------------------------------------------------------------------
+
+
+def read_events(run: Path):
+    """TensorBoard's own reader over RUN/tensorboard: tags, scalars and audio as the tool would show them."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = accumulator.EventAccumulator(str(run / "tensorboard"), size_guidance={"audio": 0, "scalars": 0})
+    return events.Reload()
+
+
+def test_tensorboard_gets_losses_perplexities_lr_and_generated_audio(tiny_musicgen_dir, data_dir, tmp_path):
+    run = tmp_path / "run"
+    assert train("--data", data_dir, "--out", run, "--model", tiny_musicgen_dir, "--max-steps", 2,
+                 "--eval-every", 2, "--tensorboard", "--tensorboard-samples", 1, *FAST) == 0
+    events = read_events(run)
+    tags = events.Tags()
+    assert {"train/loss", "train/ppl_0", "lr", "val/loss", "val/ppl_0"} <= set(tags["scalars"])
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [1, 2]
+    assert [e.value for e in losses] == pytest.approx([float(r["train_loss"]) for r in log_rows(run) if r["train_loss"]])
+    assert tags["audio"] == ["samples/0"]
+    (sample,) = events.Audio("samples/0")
+    assert sample.step == 2 and sample.sample_rate == 32000
+    wav, rate = sf.read(io.BytesIO(sample.encoded_audio_string))
+    assert rate == 32000 and len(wav) == 25 * 640  # one 0.5 s segment of 25 frames, decoded

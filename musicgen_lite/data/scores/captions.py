@@ -211,9 +211,10 @@ _MINOR_BY_SHARPS = "Ab Eb Bb F C G D A E B F# C# G# D# A#".split()
 _SHARPS_BY_NAME = {n: i - 7 for i, n in enumerate(_MAJOR_BY_SHARPS)} | {
     f"{n}m": i - 7 for i, n in enumerate(_MINOR_BY_SHARPS)
 }
-# Krumhansl-Kessler key profiles: how well each scale degree fits a key.
-_MAJOR_PROFILE = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
-_MINOR_PROFILE = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
+# Krumhansl-Kessler key profiles (probe-tone ratings, index 0 = tonic): how well each scale degree fits
+# a key. The one table of the project; musicgen_lite.evaluate.music uses it too.
+KK_MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
+KK_MINOR = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
 _SIGNATURE_BONUS = 0.15  # prefer the keys the written key signature allows
 _TONIC_HINT_BONUS = 0.1  # per opening/closing bass note on the tonic
 _MIN_KEY_CORRELATION = 0.5  # below this the music is not clearly in a key
@@ -246,7 +247,7 @@ def estimate_key(pitch_weights: np.ndarray, signature: int | None, tonic_hints: 
     if pitch_weights.sum() <= 0 or np.ptp(pitch_weights) == 0:
         return ""
     best: tuple[float, float, int, bool] | None = None
-    for minor, profile in ((False, _MAJOR_PROFILE), (True, _MINOR_PROFILE)):
+    for minor, profile in ((False, KK_MAJOR), (True, KK_MINOR)):
         for tonic in range(12):
             corr = float(np.corrcoef(pitch_weights, np.roll(profile, tonic))[0, 1])
             sharps = _sharps_for(tonic, minor, signature)
