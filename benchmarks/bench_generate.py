@@ -141,7 +141,7 @@ def step_bytes(lm, precision: str, steps: int, text_length: int) -> float:
     per_layer = 3 * d * d + d * d + 2 * d * cfg.ffn_dim  # self qkv + out, fc1, fc2
     if cfg.conditioning == "cross":
         per_layer += 2 * d * d  # cross q + out
-    weights = (layers * per_layer + cfg.num_codebooks * cfg.card * d) * BYTES[precision]
+    weights = (layers * per_layer + cfg.num_codebooks * cfg.codebook_size * d) * BYTES[precision]
     act = 2 if precision == "bf16" else 4
     small = (layers * 3 + 1) * 2 * d * act + 2 * cfg.num_codebooks * d * act  # norms, embedding rows
     cross = layers * 2 * text_length * d * act

@@ -118,7 +118,7 @@ class EncodecCodec(torch.nn.Module):
         return self._num_codebooks
 
     @property
-    def cardinality(self) -> int:
+    def codebook_size(self) -> int:
         return self.model.config.codebook_size
 
     def _prepare(self, wav: torch.Tensor, sample_rate: int | None) -> torch.Tensor:
@@ -173,9 +173,9 @@ class EncodecCodec(torch.nn.Module):
             raise ValueError(f"codes must be [B, {self.num_codebooks}, T], got shape {tuple(codes.shape)}")
         if codes.numel() == 0:
             raise ValueError(f"codes are empty (shape {tuple(codes.shape)})")
-        if codes.min() < 0 or codes.max() >= self.cardinality:
+        if codes.min() < 0 or codes.max() >= self.codebook_size:
             raise ValueError(
-                f"codes must lie in [0, {self.cardinality}), got range [{codes.min().item()}, {codes.max().item()}]"
+                f"codes must lie in [0, {self.codebook_size}), got range [{codes.min().item()}, {codes.max().item()}]"
             )
         device = next(self.model.parameters()).device
         with _eval_mode(self.model):

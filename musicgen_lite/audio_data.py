@@ -235,7 +235,7 @@ class TokenCache:
     def _encode(self, wav: Tensor, rate: int) -> tuple[Tensor, Tensor | None]:
         """wav [C, N] at `rate` -> codes [K, T] (int16 when they fit) and argmax chroma [frames] (uint8)."""
         codes = self.codec.encode(wav[None], sample_rate=rate)[0].cpu()  # [K, T]
-        codes = codes.to(torch.int16 if self.codec.cardinality <= torch.iinfo(torch.int16).max else torch.int32)
+        codes = codes.to(torch.int16 if self.codec.codebook_size <= torch.iinfo(torch.int16).max else torch.int32)
         if self.chroma is None:
             return codes, None
         device = next(self.codec.parameters()).device

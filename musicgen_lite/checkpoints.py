@@ -107,7 +107,7 @@ def from_transformers(path: str | Path) -> MusicGen:
         raise ValueError("stereo MusicGen checkpoints are not supported")
     cfg = LMConfig(
         num_codebooks=dec.num_codebooks,
-        card=dec.vocab_size,
+        codebook_size=dec.vocab_size,
         dim=dec.hidden_size,
         num_heads=dec.num_attention_heads,
         num_layers=dec.num_hidden_layers,

@@ -68,7 +68,8 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=250, help="sample among the k most likely codes (1 = greedy)")
     p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass (0 = off; wins over top-k)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0)")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance coefficient")
+    p.add_argument("--cfg", dest="cfg_coef", type=float, default=3.0,
+                   help="classifier-free guidance coefficient (default 3; at most 1 = no guidance)")
     return p
 
 
@@ -84,7 +85,7 @@ def generate_main(argv: list[str] | None = None) -> int:
         subtype = "FLOAT" if args.float else "PCM_16"
         check_output(args.out, subtype=subtype, loudness=loudness)
         plot = _plotter() if args.plot else None
-        check_request(prompts, args.duration, args.top_k, args.top_p, args.temperature, args.cfg, args.melody)
+        check_request(prompts, args.duration, args.top_k, args.top_p, args.temperature, args.cfg_coef, args.melody)
         model = load_model(args.model, args.precision) if args.model else load_default_model(args.precision)
         result = generate(
             prompts,
@@ -94,7 +95,7 @@ def generate_main(argv: list[str] | None = None) -> int:
             top_k=args.top_k,
             top_p=args.top_p,
             temperature=args.temperature,
-            cfg_coef=args.cfg,
+            cfg_coef=args.cfg_coef,
             seed=args.seed,
             progress=sys.stderr.isatty(),
         )

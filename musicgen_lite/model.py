@@ -44,10 +44,10 @@ class MusicGen(nn.Module):
         extend_stride: float = 18.0,
     ):
         super().__init__()
-        if codec.num_codebooks != lm.cfg.num_codebooks or codec.cardinality != lm.cfg.card:
+        if codec.num_codebooks != lm.cfg.num_codebooks or codec.codebook_size != lm.cfg.codebook_size:
             raise ValueError(
-                f"codec ({codec.num_codebooks} x {codec.cardinality}) does not match the LM "
-                f"({lm.cfg.num_codebooks} x {lm.cfg.card})"
+                f"codec ({codec.num_codebooks} x {codec.codebook_size}) does not match the LM "
+                f"({lm.cfg.num_codebooks} x {lm.cfg.codebook_size})"
             )
         if chroma is not None and lm.cfg.conditioning != "prefix":
             raise ValueError("melody conditioning needs a prefix-conditioned LM")

@@ -257,7 +257,7 @@ def test_unigram_cross_entropy_by_hand():
     test = [torch.tensor([[0, 2], [3, 3]])]
     # codebook 0: counts (3, 1, 0, 0) -> p = (4, 2, 1, 1) / 8; codebook 1: counts (0, 0, 2, 2) -> p = (1, 1, 3, 3) / 8
     expected = torch.tensor([-(math.log(4 / 8) + math.log(1 / 8)) / 2, -math.log(3 / 8)], dtype=torch.float64)
-    torch.testing.assert_close(ev.unigram_cross_entropy(train, test, card=4), expected)
+    torch.testing.assert_close(ev.unigram_cross_entropy(train, test, codebook_size=4), expected)
 
 
 # -- the CLI end to end ----------------------------------------------------------------------------

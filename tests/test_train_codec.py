@@ -84,7 +84,7 @@ def test_dead_code_is_replaced_by_a_latent_from_the_batch():
     book.embed_avg.copy_(book.embed)
     book.inited.fill_(1)
     x = torch.tensor([[0.1, 0.0], [0.0, 0.1], [1.1, 1.0], [1.0, 0.9]])
-    for step in range(3):  # its count halves each step: 0.5, 0.25, 0.125 -- still above the threshold
+    for _ in range(3):  # its count halves each step: 0.5, 0.25, 0.125 -- still above the threshold
         book.update(x, book.encode(x))
         assert book.embed[2].tolist() == pytest.approx([100.0, 100.0], rel=1e-3)
     book.update(x, book.encode(x))  # 0.0625 < 0.1: replaced by one of the batch's latents
@@ -206,6 +206,7 @@ def trained(tmp_path_factory):
     return run, out.getvalue(), err.getvalue()
 
 
+@pytest.mark.slow
 def test_corrupt_file_is_skipped_with_a_warning(trained):
     run, stdout, stderr = trained
     warnings = [line for line in stderr.splitlines() if line.startswith("warning:")]
@@ -213,6 +214,7 @@ def test_corrupt_file_is_skipped_with_a_warning(trained):
     assert "4 train files" in stdout and "1 validation files" in stdout and "1 unreadable skipped" in stdout
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_logs_validation(trained):
     run, stdout, _ = trained
     rows = read_log(run)
@@ -231,6 +233,7 @@ def test_training_lowers_the_loss_and_logs_validation(trained):
     assert (run / "config.json").is_file() and (run / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_export_loads_with_encodec_codec_and_matches_our_rvq(tmp_path):
     data = load_audio_data(write_dataset(tmp_path / "data", corrupt=False), SR, valid_fraction=0.1)
     # A small learning rate: the EMA codebooks (and dead-code replacement) see a few steps of a barely moving
@@ -248,7 +251,7 @@ def test_export_loads_with_encodec_codec_and_matches_our_rvq(tmp_path):
     ours = t.model.eval()
 
     codec = EncodecCodec.from_pretrained(run)
-    assert (codec.num_codebooks, codec.cardinality, codec.sample_rate, codec.frame_rate) == (3, 16, SR, 50)
+    assert (codec.num_codebooks, codec.codebook_size, codec.sample_rate, codec.frame_rate) == (3, 16, SR, 50)
     assert codec.model.config.normalize is False and codec.model.config.chunk_length_s is None
     wav = torch.cat([w.read(0, SR // 2) for w in data.train + data.valid])[None, None]  # every tone in turn, [1, 1, N]
     with torch.no_grad():
@@ -282,6 +285,7 @@ def test_target_bandwidth_selects_exactly_k_codebooks():
     assert EncodecCodec.from_config(encodec_config(odd)).num_codebooks == 31
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_saved_step_exactly(tmp_path, capsys):
     data = write_dataset(tmp_path / "data", corrupt=False)
     common = ["--data", str(data), *TINY, "--save-every", "3", "--eval-every", "3", "--log-every", "1"]
@@ -353,6 +357,7 @@ def test_missing_or_empty_data_is_one_line_and_exit_2(tmp_path, capsys):
     assert lines[0].startswith("warning: skipping unreadable audio file") and "error: need audio" in lines[1]
 
 
+@pytest.mark.slow
 def test_tensorboard_gets_the_losses_and_validation_reconstructions(tmp_path):
     accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     data = write_dataset(tmp_path / "data", corrupt=False)

@@ -194,6 +194,7 @@ def test_loss_scores_only_real_codes_through_the_pattern(tiny_musicgen_dir):
 # -- runs -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_finetune_a_transformers_checkpoint(tiny_musicgen_dir, data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     assert train("--data", data_dir, "--out", run, "--model", tiny_musicgen_dir, "--max-steps", 6,
@@ -221,6 +222,7 @@ def test_finetune_a_transformers_checkpoint(tiny_musicgen_dir, data_dir, tmp_pat
     assert res.tokens.shape == (1, 4, 10)
 
 
+@pytest.mark.slow
 def test_from_scratch_melody_model_with_a_jointly_trained_t5(codec_dir, data_dir, tmp_path):
     run = tmp_path / "run"
     assert train("--data", data_dir, "--out", run, "--codec", codec_dir, "--preset", "tiny", "--melody",
@@ -228,7 +230,7 @@ def test_from_scratch_melody_model_with_a_jointly_trained_t5(codec_dir, data_dir
     model = musicgen_lite.load_model(run)
     assert model.has_melody and model.lm.cfg.conditioning == "prefix" and model.lm.cfg.dim == 64
     assert model.chroma.chroma_length == 1 + 16000 // 4096  # one 0.5 s segment at the chroma rate
-    assert model.lm.cfg.card == 32 and model.max_duration == 0.5
+    assert model.lm.cfg.codebook_size == 32 and model.max_duration == 0.5
     tokenizer = model.text.tokenizer
     assert tokenizer.unk_token_id not in tokenizer("mozart string quartet, menuetto")["input_ids"]
     start = ckpt.read_checkpoint(run / "checkpoints" / "step-00000000.pt")["model"]
@@ -254,6 +256,7 @@ def straight_run(codec_dir, data_dir, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_resumed_run_follows_the_uninterrupted_one_bitwise(straight_run, codec_dir, data_dir, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     write = ckpt.write_checkpoint
@@ -278,6 +281,7 @@ def test_resumed_run_follows_the_uninterrupted_one_bitwise(straight_run, codec_d
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(straight_run, codec_dir, data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(straight_run, run)
@@ -293,6 +297,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(straight_run, 
     assert train_losses(run) == train_losses(straight_run)
 
 
+@pytest.mark.slow
 def test_huge_learning_rate_ends_with_finite_weights(tiny_musicgen_dir, data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     assert train("--data", data_dir, "--out", run, "--model", tiny_musicgen_dir, "--lr", 1000, "--warmup-steps", 0,
@@ -329,6 +334,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message, data_dir, codec_dir, tm
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_rerun_with_another_architecture_is_refused(straight_run, codec_dir, data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(straight_run / "checkpoints" / "base", run / "checkpoints" / "base")
@@ -344,6 +350,7 @@ def _env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
 
 
+@pytest.mark.slow
 def test_train_py_lists_both_commands():
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, env=_env())
     assert proc.returncode == 0 and "lm" in proc.stdout and "codec" in proc.stdout
@@ -356,6 +363,7 @@ def _train_single_threaded(*args) -> int:
     return train(*args)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_resumes(tiny_musicgen_dir, data_dir, tmp_path, capsys):
     """The run is a forked child process (it starts without re-importing torch and transformers),
     killed with SIGKILL once its step-4 checkpoint exists; the same command then resumes."""
@@ -381,9 +389,10 @@ def test_sigkill_mid_run_then_rerun_resumes(tiny_musicgen_dir, data_dir, tmp_pat
     assert len(resumed) == 1 and 4 <= int(resumed[0].split()[3]) < 60, out
     assert "0 files encoded, 6 from the cache" in out
     assert sorted(train_losses(run)) == list(range(1, 61))
-    assert musicgen_lite.load_model(run).lm.cfg.card == 32
+    assert musicgen_lite.load_model(run).lm.cfg.codebook_size == 32
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes(tiny_musicgen_dir, data_dir, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -410,6 +419,7 @@ def read_events(run: Path):
     return events.Reload()
 
 
+@pytest.mark.slow
 def test_tensorboard_gets_losses_perplexities_lr_and_generated_audio(tiny_musicgen_dir, data_dir, tmp_path):
     run = tmp_path / "run"
     assert train("--data", data_dir, "--out", run, "--model", tiny_musicgen_dir, "--max-steps", 2,

@@ -14,7 +14,7 @@ codec   `--seconds` around the middle of each of up to `--max-files` held-out pi
         the codec (encode, decode) and through Opus at 6 kbps, about the lowest bitrate at which
         Opus still codes music; both are scored against the original with `si_sdr` and
         `log_mel_distance`.
-        The codec's bitrate is K * log2(card) * frame_rate / 1000 kbps (goal: at most 2.2).
+        The codec's bitrate is K * log2(codebook_size) * frame_rate / 1000 kbps (goal: at most 2.2).
 lm      Teacher-forced cross-entropy of the LM on the same excerpts' codes (cut to the LM's
         `max_duration`), given their captions (and, for melody models, their own chroma, as in
         training), per codebook, in nats

@@ -76,9 +76,9 @@ def split_excerpts(
 
 
 def codec_bitrate_kbps(model: MusicGen) -> float:
-    """K * log2(card) * frame_rate / 1000: the bits the codes of one second take, in kbps."""
+    """K * log2(codebook_size) * frame_rate / 1000: the bits the codes of one second take, in kbps."""
     codec = model.codec
-    return codec.num_codebooks * math.log2(codec.cardinality) * codec.frame_rate / 1000
+    return codec.num_codebooks * math.log2(codec.codebook_size) * codec.frame_rate / 1000
 
 
 def _lm_audio(model: MusicGen, ex: Excerpt) -> np.ndarray:
@@ -143,21 +143,21 @@ def codebook_cross_entropy(model: MusicGen, codes: Tensor, conditions: LMConditi
     """
     frames = codes.shape[-1]
     tokens = model.pattern.build(codes, model.lm.cfg.special_token)  # [B, K, S]
-    logits = model.lm(tokens[:, :, :-1], conditions).float()  # [B, K, S-1, card]
-    per_step = F.pad(logits, (0, 0, 1, 0))  # [B, K, S, card]: entry s predicts step s (step 0 holds no code)
-    predicted = model.pattern.revert(per_step, frames)  # [B, K, T, card]
+    logits = model.lm(tokens[:, :, :-1], conditions).float()  # [B, K, S-1, codebook_size]
+    per_step = F.pad(logits, (0, 0, 1, 0))  # [B, K, S, codebook_size]: entry s predicts step s (step 0 holds no code)
+    predicted = model.pattern.revert(per_step, frames)  # [B, K, T, codebook_size]
     return F.cross_entropy(predicted.flatten(0, 2), codes.flatten(), reduction="none").view_as(codes)
 
 
-def unigram_cross_entropy(train_codes: list[Tensor], test_codes: list[Tensor], card: int) -> Tensor:
+def unigram_cross_entropy(train_codes: list[Tensor], test_codes: list[Tensor], codebook_size: int) -> Tensor:
     """Cross-entropy (nats) per codebook [K] of held-out codes under each codebook's code frequencies.
 
-    p_k(c) = (n_k(c) + 1) / (N_k + card), n_k(c) the count of code c in codebook k over `train_codes`
+    p_k(c) = (n_k(c) + 1) / (N_k + codebook_size), n_k(c) the count of code c in codebook k over `train_codes`
     (each [K, T]) and N_k their total (add-one smoothing keeps unseen codes finite);
     CE_k = -mean over the test codes of codebook k of log p_k(code).
     """
-    counts = sum(F.one_hot(c.long(), card).sum(dim=1) for c in train_codes).double()  # [K, card]
-    log_p = torch.log((counts + 1) / (counts.sum(dim=1, keepdim=True) + card))  # [K, card]
+    counts = sum(F.one_hot(c.long(), codebook_size).sum(dim=1) for c in train_codes).double()  # [K, codebook_size]
+    log_p = torch.log((counts + 1) / (counts.sum(dim=1, keepdim=True) + codebook_size))  # [K, codebook_size]
     test = torch.cat([c.long() for c in test_codes], dim=1)  # [K, sum T]
     return -log_p.gather(1, test).mean(dim=1)
 
@@ -169,7 +169,7 @@ def evaluate_lm(model: MusicGen, excerpts: list[Excerpt], train: list[Excerpt]) 
     ce = torch.cat([codebook_cross_entropy(model, c[None], lm_conditions(model, ex.file.caption, audio))[0]
                     for c, ex, audio in zip(codes, excerpts, audios)], dim=1).double().mean(dim=1)  # [K]
     baseline_codes = [_codes(model, _lm_audio(model, ex)) for ex in train] if train else codes
-    unigram = unigram_cross_entropy(baseline_codes, codes, model.codec.cardinality)
+    unigram = unigram_cross_entropy(baseline_codes, codes, model.codec.codebook_size)
     return {
         "codebooks": [{"ce_nats": float(a), "perplexity": math.exp(a), "unigram_ce_nats": float(b),
                        "unigram_perplexity": math.exp(b)} for a, b in zip(ce.tolist(), unigram.tolist())],

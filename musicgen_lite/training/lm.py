@@ -201,7 +201,7 @@ class Trainer:
         with torch.autocast(dev.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
             module = self.ddp if train else self.net
             return module(batch.codes.to(dev), batch.valid.to(dev), texts, captioned, chroma,
-                          self.cfg.cfg_dropout, self.generator if train else None)
+                          self.cfg.condition_dropout, self.generator if train else None)
 
     def train_step(self) -> tuple[str, Tensor]:
         """One optimizer step on batch `self.step` -> (status, global CE sums and counts [2K]). Status "ok";
@@ -341,9 +341,9 @@ def train(cfg: Config) -> int:
             error = str(e)
             if fresh:  # a run that never started leaves nothing behind
                 shutil.rmtree(run, ignore_errors=True)
-    for error in d.gather(error):  # every process stops on the main process's usage error
-        if error:
-            raise UsageError(error)
+    for reported in d.gather(error):  # every process stops on the main process's usage error
+        if reported:
+            raise UsageError(reported)
     model = MusicGen.from_pretrained(base).to(d.device)
     model.codec.requires_grad_(False)
     model.text.freeze = not cfg.train_text_encoder

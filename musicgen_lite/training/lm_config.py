@@ -57,7 +57,7 @@ class Config:
     warmup_steps: int | None = None  # None: a tenth of the run, at most 500
     weight_decay: float = 0.1
     segment_seconds: float = 10.0
-    cfg_dropout: float = 0.1
+    condition_dropout: float = 0.1
     caption_augment: bool = True
     precision: str = "auto"
     save_every: int = 500
@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=c.weight_decay, help="AdamW decay of weight matrices")
     g.add_argument("--segment-seconds", type=float, default=c.segment_seconds, help=f"length of a training "
                    f"segment (default {c.segment_seconds:g})")
-    g.add_argument("--cfg-dropout", type=float, default=c.cfg_dropout, help="probability of replacing a row's "
-                   f"text and melody by the null condition (default {c.cfg_dropout:g})")
+    g.add_argument("--cfg-dropout", dest="condition_dropout", type=float, default=c.condition_dropout, help="probability of replacing a row's "
+                   f"text and melody by the null condition (default {c.condition_dropout:g})")
     g.add_argument("--caption-augment", action=argparse.BooleanOptionalAction, default=c.caption_augment,
                    help="train on random subsets and orders of a caption's comma-separated fields (default on)")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=c.precision,
@@ -145,7 +145,7 @@ def parse_args(argv: list[str] | None) -> Config:
                 "--segment-seconds": cfg.segment_seconds, "--chunk-seconds": cfg.chunk_seconds}
     check_all(positive | {"--max-steps": cfg.max_steps, "--epochs": cfg.epochs, "--lr": cfg.lr},
               lambda v: v > 0, "must be > 0")
-    if not 0 <= cfg.cfg_dropout <= 1 or not 0 <= cfg.valid_fraction < 1:
+    if not 0 <= cfg.condition_dropout <= 1 or not 0 <= cfg.valid_fraction < 1:
         raise UsageError("--cfg-dropout must be in [0, 1] and --valid-fraction in [0, 1)")
     if cfg.num_workers < 0 or (cfg.warmup_steps is not None and cfg.warmup_steps < 0) or cfg.weight_decay < 0:
         raise UsageError("--num-workers, --warmup-steps and --weight-decay must be >= 0")

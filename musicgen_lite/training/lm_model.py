@@ -51,7 +51,7 @@ def build_base(cfg: Config, files: list[AudioFile], path: Path) -> None:
         raise UsageError(f"cannot load --codec {cfg.codec}: {str(e).splitlines()[0]}") from None
     preset = PRESETS[cfg.preset]
     lm_cfg = LMConfig(
-        num_codebooks=codec.num_codebooks, card=codec.cardinality, dim=preset.dim, num_heads=preset.heads,
+        num_codebooks=codec.num_codebooks, codebook_size=codec.codebook_size, dim=preset.dim, num_heads=preset.heads,
         num_layers=preset.layers, ffn_dim=preset.ffn, conditioning="prefix" if cfg.melody else "cross",
     )
     with torch.random.fork_rng(), tempfile.TemporaryDirectory() as tokenizer_dir:
@@ -96,18 +96,18 @@ class TeacherForcing(nn.Module):
         self.pattern = model.pattern
 
     def forward(self, codes: Tensor, valid: Tensor, texts: list[str], captioned: Tensor, chroma: Tensor | None,
-                cfg_dropout: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+                condition_dropout: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         cfg = self.lm.cfg
         emb, mask = self.text(texts)  # [B, L, D], [B, L]
         feats = None if chroma is None else F.one_hot(chroma, self.chroma.num_chroma).float()  # [B, C, 12]
         if generator is not None:  # training: classifier-free guidance dropout of text and melody together
-            emb, mask, feats = drop_conditions(emb, mask, feats, cfg_dropout, generator)
+            emb, mask, feats = drop_conditions(emb, mask, feats, condition_dropout, generator)
         emb = emb * captioned[:, None, None]  # an uncaptioned row always gets the null text
         mask = mask * captioned[:, None]
         cond = layout_conditions(cfg.conditioning, emb, mask, self.chroma, feats)
         seq = self.pattern.build(codes, cfg.special_token)  # [B, K, S]
         real = self.pattern.build(valid[:, None].expand(-1, cfg.num_codebooks, -1).long(), 0).bool()  # [B, K, S]
-        logits = self.lm(seq[:, :, :-1], cond)  # [B, K, S-1, card]: step s predicts step s + 1
+        logits = self.lm(seq[:, :, :-1], cond)  # [B, K, S-1, codebook_size]: step s predicts step s + 1
         scored = real[:, :, 1:]  # a real code (not an empty pattern slot, not past the clip's end)
         targets = seq[:, :, 1:].masked_fill(~scored, -100)
         ce = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(), ignore_index=-100, reduction="none")

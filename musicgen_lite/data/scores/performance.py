@@ -121,7 +121,7 @@ def _merge_unisons(notes: list[Note]) -> list[Note]:
     return sorted(merged, key=lambda n: n.start)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Humanize:
     """How far a rendering strays from the written timing and dynamics."""
 
@@ -131,7 +131,10 @@ class Humanize:
     velocity_sd: float = 6.0
 
 
-def humanize(perf: Performance, rng: np.random.Generator, settings: Humanize = Humanize()) -> Performance:
+HUMANIZE = Humanize()  # what the dataset builder uses
+
+
+def humanize(perf: Performance, rng: np.random.Generator, settings: Humanize = HUMANIZE) -> Performance:
     """A slightly different performance: tempo, onsets and velocities jittered."""
     factor = float(rng.uniform(1 - settings.tempo_spread, 1 + settings.tempo_spread))
     limit = settings.max_onset_ms / 1000
