@@ -1,4 +1,7 @@
-"""Command-line front ends. Errors in what the user typed end with one line on stderr and exit code 2."""
+"""The generate command line (generate.py): prompts and options in, audio files (and pictures) out.
+
+Mistakes in what the user typed end with one line on stderr and exit code 2 (see cli_errors).
+"""
 
 from __future__ import annotations
 
