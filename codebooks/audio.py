@@ -9,6 +9,7 @@ imports none of them.
     resample(wav, rate, target)       -> windowed-sinc resampling along the last axis (julius)
     replacing(path)                   -> a temporary name beside `path`, renamed onto it on success
     save_torch(obj, path)             -> torch.save through `replacing`
+    move_entries(staged, dest)        -> a finished folder's files renamed into `dest`, config.json last
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -111,3 +114,15 @@ def save_torch(obj: Any, path: Path) -> None:
     """torch.save(obj) to `path` through a temporary file and a rename."""
     with replacing(path) as tmp:
         torch.save(obj, tmp)
+
+
+def move_entries(staged: Path, dest: Path, last: str = "config.json") -> None:
+    """Rename every entry of the folder `staged` into `dest` (what was there goes to a temporary folder
+    that is then deleted), `last` at the end: a reader that finds `last` finds the rest complete."""
+    trash = Path(tempfile.mkdtemp(prefix=".old-", dir=dest))
+    names = sorted(p.name for p in staged.iterdir())
+    for name in [n for n in names if n != last] + [n for n in names if n == last]:
+        if (dest / name).exists():
+            os.replace(dest / name, trash / name)
+        os.replace(staged / name, dest / name)
+    shutil.rmtree(trash)

@@ -16,13 +16,14 @@ import io
 import os
 import random
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from codebooks.audio import replacing
 
 CHECKSUM_MAGIC = b"MGLCKPT1"
 
@@ -44,18 +45,12 @@ class _HashingWriter(io.RawIOBase):
 
 
 def write_checkpoint(state: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            writer = _HashingWriter(f)
-            torch.save(state, writer)
-            f.write(writer.sha.digest() + CHECKSUM_MAGIC)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        writer = _HashingWriter(f)
+        torch.save(state, writer)
+        f.write(writer.sha.digest() + CHECKSUM_MAGIC)
+        f.flush()
+        os.fsync(f.fileno())
     _fsync_dir(path.parent)
 
 

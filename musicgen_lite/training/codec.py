@@ -39,7 +39,6 @@ it names the file, otherwise by a hash of the file's path.
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time
@@ -52,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.utils import logging as hf_logging
 
-from codebooks.audio import LazyAudio
+from codebooks.audio import LazyAudio, move_entries
 from codebooks.trainable import Codec
 
 from ..audio_data import DataError, read_metadata, scan, stable_hash
@@ -299,8 +298,7 @@ def export_codec(model: Codec, run: Path) -> None:
     try:
         with tempfile.TemporaryDirectory(dir=run, prefix=".export-") as tmp:
             model.to_encodec().save_pretrained(tmp)
-            for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):  # config last: it marks completeness
-                os.replace(Path(tmp) / name, run / name)
+            move_entries(Path(tmp), run)  # config.json last: it marks completeness
     finally:
         if progress_bars:
             hf_logging.enable_progress_bar()

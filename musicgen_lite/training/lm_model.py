@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from codebooks.audio import move_entries
 from codebooks.codec import EncodecCodec
 from conditioning.chroma import ChromaConditioner, ChromaExtractor
 from conditioning.null import drop_conditions
@@ -120,13 +120,7 @@ def publish(model: MusicGen, run: Path) -> None:
     config.json last."""
     staged = run / ".final"
     model.save_pretrained(staged)
-    trash = Path(tempfile.mkdtemp(prefix=".old-", dir=run))
-    names = sorted(p.name for p in staged.iterdir())
-    for name in [n for n in names if n != "config.json"] + ["config.json"]:
-        if (run / name).exists():
-            os.replace(run / name, trash / name)
-        os.replace(staged / name, run / name)
-    shutil.rmtree(trash)
+    move_entries(staged, run)
     staged.rmdir()
 
 
