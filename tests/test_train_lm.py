@@ -282,6 +282,25 @@ def test_resumed_run_follows_the_uninterrupted_one_bitwise(straight_run, codec_d
 
 
 @pytest.mark.slow
+def test_a_run_written_before_the_renames_resumes(straight_run, codec_dir, data_dir, tmp_path, capsys):
+    """Runs of earlier versions recorded their base model with the key "card": they resume, onto the
+    same loss curve, and publish a model that says codebook_size."""
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    base = run / "checkpoints" / "base" / "config.json"
+    config = json.loads(base.read_text())
+    config["lm"] = {("card" if k == "codebook_size" else k): v for k, v in config["lm"].items()}
+    base.write_text(json.dumps(config))
+    for path in [run / "model.safetensors", run / "checkpoints" / "step-00000006.pt", run / "checkpoints" / "best.pt"]:
+        path.unlink()
+    capsys.readouterr()
+    assert train("--data", data_dir, "--out", run, "--codec", codec_dir, *SCRATCH) == 0
+    assert "resuming from step 3" in capsys.readouterr().out
+    assert train_losses(run) == train_losses(straight_run)
+    assert json.loads((run / "config.json").read_text())["lm"]["codebook_size"] == 32
+
+
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(straight_run, codec_dir, data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(straight_run, run)
