@@ -79,6 +79,7 @@ class Preset:
 PRESETS = {
     "tiny": Preset(64, 2, 4, 256, 64, 2, 4, 256),
     "small-cpu": Preset(256, 4, 4, 1024, 128, 2, 4, 512),
+    "medium-cpu": Preset(256, 6, 4, 1024, 192, 3, 4, 768),  # the default model v2: >= 10x real time on 2 cores
     "base": Preset(512, 8, 8, 2048, 256, 4, 4, 1024),
     "big": Preset(768, 12, 12, 3072, 512, 6, 8, 2048),
     "musicgen-small": Preset(1024, 24, 16, 4096, 768, 12, 12, 3072),  # t5-base for the text
@@ -86,6 +87,8 @@ PRESETS = {
 DEFAULT_PRESET = "small-cpu"
 TOKENIZER_VOCAB = 2048  # upper bound; sentencepiece stops at what the captions support
 NO_CAPTION = "none"  # what the text encoder reads for an uncaptioned row, whose condition is then nulled
+TIMING_STEPS = 20  # --time-limit times this many steps after skipping as many (start-up, caches)
+TIME_LIMIT_MARGIN = 0.92  # share of the remaining time planned for steps: validation and saving take the rest
 MAX_BAD_STEPS = 3  # non-finite steps in a row before rolling back
 MIN_LR_SCALE = 1 / 1024  # give up after ten halvings
 MIN_LR_RATIO = 0.1  # the cosine ends at this fraction of --lr
@@ -104,6 +107,7 @@ class Config:
     melody: bool = False
     train_text_encoder: bool | None = None  # default: train a T5 built from the captions, freeze a pretrained one
     max_steps: int | None = None
+    time_limit: float | None = None  # minutes of training for this invocation; --max-steps is lowered to fit
     epochs: float | None = None
     batch_size: int = 8
     lr: float | None = None  # None: 1e-4 when fine-tuning, 5e-4 from scratch
@@ -111,6 +115,7 @@ class Config:
     weight_decay: float = 0.1
     segment_seconds: float = 10.0
     cfg_dropout: float = 0.1
+    melody_track_prob: float = 0.75  # rows conditioned on the hummed melody track where a file has one
     caption_augment: bool = True
     precision: str = "auto"
     save_every: int = 500
@@ -152,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the T5 encoder fixed (default for a pretrained one)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs worth)")
+    g.add_argument("--time-limit", type=float, metavar="MIN",
+                   help="train for about MIN minutes: after the first steps are timed, --max-steps is lowered to "
+                        "what fits, so the learning-rate schedule still ends where it should")
     g.add_argument("--epochs", type=float, help="passes over the training segments (default 10 without --max-steps)")
     g.add_argument("--batch-size", type=int, default=c.batch_size, help=f"segments per step, over all processes "
                    f"(default {c.batch_size})")
@@ -162,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"segment (default {c.segment_seconds:g})")
     g.add_argument("--cfg-dropout", type=float, default=c.cfg_dropout, help="probability of replacing a row's "
                    f"text and melody by the null condition (default {c.cfg_dropout:g})")
+    g.add_argument("--melody-track-prob", type=float, default=c.melody_track_prob,
+                   help="with --melody: share of rows conditioned on the chroma of a file's hummed melody track "
+                        "(metadata \"melody\"), the rest on the chroma of the mix itself "
+                        f"(default {c.melody_track_prob:g})")
     g.add_argument("--caption-augment", action=argparse.BooleanOptionalAction, default=c.caption_augment,
                    help="train on random subsets and orders of a caption's comma-separated fields (default on)")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=c.precision,
@@ -193,11 +205,12 @@ def parse_args(argv: list[str] | None) -> Config:
     for flag, value in positive.items():
         if not value > 0:
             raise UsageError(f"{flag} must be > 0, got {value}")
-    for flag, value in {"--max-steps": cfg.max_steps, "--epochs": cfg.epochs, "--lr": cfg.lr}.items():
+    for flag, value in {"--max-steps": cfg.max_steps, "--epochs": cfg.epochs, "--lr": cfg.lr,
+                        "--time-limit": cfg.time_limit}.items():
         if value is not None and not value > 0:
             raise UsageError(f"{flag} must be > 0, got {value}")
-    if not 0 <= cfg.cfg_dropout <= 1 or not 0 <= cfg.valid_fraction < 1:
-        raise UsageError("--cfg-dropout must be in [0, 1] and --valid-fraction in [0, 1)")
+    if not 0 <= cfg.cfg_dropout <= 1 or not 0 <= cfg.melody_track_prob <= 1 or not 0 <= cfg.valid_fraction < 1:
+        raise UsageError("--cfg-dropout and --melody-track-prob must be in [0, 1] and --valid-fraction in [0, 1)")
     if cfg.num_workers < 0 or (cfg.warmup_steps is not None and cfg.warmup_steps < 0) or cfg.weight_decay < 0:
         raise UsageError("--num-workers, --warmup-steps and --weight-decay must be >= 0")
     if cfg.model is not None:
@@ -444,12 +457,14 @@ class Batch:
 
 
 class Segments:
-    """An endless stream of training segments of `frames` token frames. Epoch e cuts every clip into
-    max(1, T // frames) segments from a random offset and shuffles them all (both from seed and e),
-    so position p is segment p % n of epoch p // n and the order needs no saved state."""
+    """An endless stream of training segments (clip, start frame, use the melody track) of `frames`
+    token frames. Epoch e cuts every clip into max(1, T // frames) segments from a random offset,
+    shuffles them all and picks the rows conditioned on a melody track (all from seed and e), so
+    position p is segment p % n of epoch p // n and the order needs no saved state."""
 
-    def __init__(self, clips: list[Clip], frames: int, seed: int):
+    def __init__(self, clips: list[Clip], frames: int, seed: int, track_prob: float = 0.0):
         self.clips, self.frames, self.seed = clips, frames, seed
+        self.track_prob = track_prob if any(c.melody is not None for c in clips) else 0.0
         self.counts = [max(1, c.frames // frames) for c in clips]
         self.n = sum(self.counts)
         self._epoch: tuple[int, list[tuple[int, int]]] = (-1, [])
@@ -462,35 +477,39 @@ class Segments:
                 slack = clip.frames - count * self.frames
                 offset = int(torch.randint(slack + 1, (1,), generator=g)) if slack > 0 else 0
                 segs += [(i, offset + j * self.frames) for j in range(count)]
-            self._epoch = (e, [segs[j] for j in torch.randperm(len(segs), generator=g).tolist()])
+            segs = [segs[j] for j in torch.randperm(len(segs), generator=g).tolist()]
+            tracks = (torch.rand(len(segs), generator=g) < self.track_prob).tolist() if self.track_prob else [False] * len(segs)
+            self._epoch = (e, [(i, start, track) for (i, start), track in zip(segs, tracks)])
         return self._epoch[1]
 
-    def __getitem__(self, position: int) -> tuple[int, int]:
+    def __getitem__(self, position: int) -> tuple[int, int, bool]:
         e, i = divmod(position, self.n)
         return self.epoch(e)[i]
 
 
-def validation_segments(clips: list[Clip], frames: int, limit: int) -> list[tuple[int, int]]:
-    """Non-overlapping segments of every validation clip; at most `limit`, evenly spread."""
-    segs = [(i, j * frames) for i, c in enumerate(clips) for j in range(max(1, c.frames // frames))]
+def validation_segments(clips: list[Clip], frames: int, limit: int) -> list[tuple[int, int, bool]]:
+    """Non-overlapping segments of every validation clip, conditioned on melody tracks where there
+    are any (the way the model is used); at most `limit`, evenly spread."""
+    segs = [(i, j * frames, True) for i, c in enumerate(clips) for j in range(max(1, c.frames // frames))]
     if len(segs) > limit:
         segs = [segs[int(i)] for i in np.linspace(0, len(segs) - 1, limit).round()]
     return segs
 
 
-def make_batch(clips: list[Clip], segs: list[tuple[int, int]], frames: int, special: int,
+def make_batch(clips: list[Clip], segs: list[tuple[int, int, bool]], frames: int, special: int,
                chroma_rate: float | None, chroma_length: int, frame_rate: float) -> Batch:
     k = clips[0].codes.shape[0]
     codes = torch.full((len(segs), k, frames), special, dtype=torch.long)
     valid = torch.zeros(len(segs), frames, dtype=torch.bool)
-    for row, (i, start) in enumerate(segs):
+    for row, (i, start, _) in enumerate(segs):
         part = clips[i].codes[:, start : start + frames]
         codes[row, :, : part.shape[1]] = part
         valid[row, : part.shape[1]] = True
     chroma = None
     if chroma_rate is not None:
-        chroma = torch.stack([chroma_span(clips[i], s, frame_rate, chroma_rate, chroma_length) for i, s in segs]).long()
-    return Batch(codes, valid, [clips[i].file.caption for i, _ in segs], chroma)
+        chroma = torch.stack([chroma_span(clips[i], s, frame_rate, chroma_rate, chroma_length, track)
+                              for i, s, track in segs]).long()
+    return Batch(codes, valid, [clips[i].file.caption for i, _, _ in segs], chroma)
 
 
 def augment_caption(caption: str, generator: torch.Generator) -> str:
@@ -615,7 +634,7 @@ class Trainer:
             ex = model.chroma.extractor
             self.chroma_rate = ex.sample_rate / ex.hop_length
             self.chroma_length = chroma_frames(self.frames / model.frame_rate, ex)
-        self.segments = Segments(train_clips, self.frames, cfg.seed)
+        self.segments = Segments(train_clips, self.frames, cfg.seed, cfg.melody_track_prob if cfg.melody else 0.0)
         self.valid_segments = validation_segments(valid_clips, self.frames, cfg.eval_batches * cfg.batch_size)
         self.rows = cfg.batch_size // d.world  # segments per process per step
 
@@ -639,6 +658,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.amp == torch.float16)
         self.generator = torch.Generator()  # caption augmentation and CFG dropout of this process
         self.step, self.lr_scale, self.best_val = 0, 1.0, None
+        self.fitted_max_steps: int | None = None  # --max-steps as lowered by --time-limit
         self.bad_streak = 0
         self.num_codebooks = lm.cfg.num_codebooks
 
@@ -656,6 +676,7 @@ class Trainer:
         """Collective: every process contributes its RNG states; only the main process's dict is complete."""
         return {
             "step": self.step,
+            "fitted_max_steps": self.fitted_max_steps,
             "lr_scale": self.lr_scale,
             "best_val": self.best_val,
             "model": trainable_state(self.model),
@@ -672,6 +693,9 @@ class Trainer:
         if state["scaler"]:  # empty when the checkpoint was written without fp16 loss scaling
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.lr_scale, self.best_val = state["step"], state["lr_scale"], state["best_val"]
+        self.fitted_max_steps = state.get("fitted_max_steps")
+        if self.fitted_max_steps is not None:
+            self.max_steps = min(self.max_steps, self.fitted_max_steps)
         if len(state["rng"]) == self.d.world:
             set_rng_state(state["rng"][self.d.rank], self.generator, self.d.device)
         else:
@@ -727,7 +751,7 @@ class Trainer:
                                  f"(peak {self.lr * scale:.3g})")
 
     # -- one step ------------------------------------------------------------------------------
-    def batch(self, segs: list[tuple[int, int]], clips: list[Clip]) -> Batch:
+    def batch(self, segs: list[tuple[int, int, bool]], clips: list[Clip]) -> Batch:
         special = self.model.lm.cfg.special_token
         return make_batch(clips, segs, self.frames, special, self.chroma_rate, self.chroma_length, self.model.frame_rate)
 
@@ -782,8 +806,31 @@ class Trainer:
         return sums[: self.num_codebooks], sums[self.num_codebooks :]
 
     # -- the loop ------------------------------------------------------------------------------
+    def fit_time_limit(self, started: float, timed_from: tuple[int, float] | None) -> tuple[int, float] | None:
+        """--time-limit: time steps TIMING_STEPS..2*TIMING_STEPS of this invocation, then lower max_steps to
+        what the remaining time allows (the same on every process); stop at once when time is up."""
+        limit = self.cfg.time_limit * 60
+        now = time.perf_counter()
+        out_of_time = torch.tensor([int(self.d.main and now - started >= limit)], device=self.d.device)
+        if int(self.d.all_sum(out_of_time)):  # the main process decides for all
+            self.max_steps = self.fitted_max_steps = self.step
+            return timed_from
+        if timed_from is None:
+            return (self.step, now) if self.step >= TIMING_STEPS else None
+        first, t0 = timed_from
+        if first >= 0 and self.step - first >= TIMING_STEPS:
+            seconds_per_step = (now - t0) / (self.step - first)
+            fits = self.step + int(TIME_LIMIT_MARGIN * (limit - (now - started)) / seconds_per_step)
+            fits = int(self.d.all_sum(torch.tensor([fits if self.d.main else 0], device=self.d.device)))
+            if fits < self.max_steps:
+                self.max_steps = self.fitted_max_steps = max(fits, self.step + 1)
+                self.log.line(f"--time-limit: {seconds_per_step * 1000:.0f} ms per step; training to step {fits}")
+            return (-1, 0.0)  # done timing
+        return timed_from
+
     def fit(self) -> None:
         cfg, log = self.cfg, self.log
+        started, timed_from = time.perf_counter(), None
         self.net.train()
         bar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (self.d.main and sys.stderr.isatty()))
@@ -807,6 +854,8 @@ class Trainer:
                 acc += stats
                 acc_steps += 1
             bar.update(1)
+            if cfg.time_limit is not None:
+                timed_from = self.fit_time_limit(started, timed_from)
             fields: dict = {}
             if acc_steps and (self.step % cfg.log_every == 0 or self.step == self.max_steps):
                 rate = acc_steps / (time.perf_counter() - tick)
