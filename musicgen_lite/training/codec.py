@@ -58,7 +58,7 @@ from ..audio_data import DataError, read_metadata, scan, stable_hash
 from ..cli_errors import UsageError
 from ..evaluate.signal import si_sdr
 from .checkpoints import all_finite, restore_latest, rng_state, save_step, set_rng_state
-from .codec_config import ARCHITECTURE, PROG, TrainConfig, _as_tuple, _fmt, build_codec, build_parser
+from .codec_config import ARCHITECTURE, OLD_DEFAULTS, PROG, TrainConfig, _as_tuple, _fmt, build_codec, build_parser
 from .codec_losses import MultiScaleMelLoss, MultiScaleSTFTDiscriminator, discriminator_loss, generator_adversarial_losses
 from .log import RunLog, require_tensorboard
 from .processes import resolve_device
@@ -312,6 +312,7 @@ def load_latest_checkpoint(run: Path, cfg: TrainConfig) -> tuple[Path, dict] | N
 
     def check(state: dict) -> None:
         saved = state["config"]
+        saved = {k: saved.get(k, OLD_DEFAULTS.get(k)) for k in ARCHITECTURE}
         changed = [k for k in ARCHITECTURE if _as_tuple(saved[k]) != _as_tuple(getattr(cfg, k))]
         if changed:
             detail = ", ".join(f"{flag(k)} {_fmt(saved[k])} (now {_fmt(getattr(cfg, k))})" for k in changed)
@@ -367,7 +368,8 @@ def train(
     sums: dict[str, float] = {}  # loss terms summed since the last log row
     counted = skipped = 0  # steps since the last log row
     train_time, started = 0.0, time.perf_counter()  # train_time: seconds in train_step since the last row
-    while t.step < cfg.max_steps:
+    last = False
+    while not last:
         wav = sample_batch(data.train, cfg.batch_size, cfg.segment_samples, t.generator).to(device)  # [B, 1, S]
         tic = time.perf_counter()
         stats = train_step(t, wav)
@@ -383,7 +385,8 @@ def train(
             for name, value in stats.items():
                 sums[name] = sums.get(name, 0.0) + value
 
-        last = t.step == cfg.max_steps
+        out_of_time = cfg.time_limit is not None and time.perf_counter() - started >= 60 * cfg.time_limit
+        last = t.step == cfg.max_steps or out_of_time
         row: dict = {}
         if t.step % cfg.eval_every == 0 or last:
             row.update(evaluate(t, segments, device, log))

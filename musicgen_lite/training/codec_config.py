@@ -17,7 +17,8 @@ from .run import check_all, flag
 
 PROG = "train.py codec"
 # Fields that fix the shapes of the saved weights: a resumed run must keep them.
-ARCHITECTURE = ("sample_rate", "ratios", "filters", "hidden_size", "lstm_layers", "codebooks", "codebook_size")
+ARCHITECTURE = ("sample_rate", "ratios", "filters", "hidden_size", "lstm_layers", "codebooks", "codebook_size", "causal")
+OLD_DEFAULTS = {"causal": True}  # runs saved before a field existed were trained with this value
 
 
 @dataclass
@@ -32,6 +33,7 @@ class TrainConfig:
     lstm_layers: int = 1
     codebooks: int = 4  # K
     codebook_size: int = 1024  # C
+    causal: bool = False  # causal convolutions (streamable) or centred ones (MusicGen's 32 kHz EnCodec)
     # quantizer
     ema_decay: float = 0.99
     dead_threshold: float = 0.1  # EMA cluster size below which a codeword is replaced
@@ -51,6 +53,7 @@ class TrainConfig:
     disc_filters: int = 32
     # optimisation
     max_steps: int = 10_000
+    time_limit: float | None = None  # minutes of training for this invocation (the learning rate is constant)
     batch_size: int = 8
     segment_seconds: float = 1.0
     lr: float = 3e-4
@@ -92,6 +95,8 @@ class TrainConfig:
             raise UsageError(f"--quantize-prob must lie in [0, 1], got {self.quantize_prob}")
         if not 0.0 < self.valid_fraction < 1.0:
             raise UsageError(f"--valid-fraction must lie in (0, 1), got {self.valid_fraction}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise UsageError(f"--time-limit must be > 0 minutes, got {self.time_limit}")
         if not self.lr > 0:
             raise UsageError(f"--lr must be > 0, got {self.lr}")
         if not self.segment_seconds > 0 or self.segment_samples < max(MEL_FFT_SIZES):
@@ -114,6 +119,7 @@ def encodec_config(cfg: TrainConfig) -> EncodecConfig:
         upsampling_ratios=list(cfg.ratios),
         num_lstm_layers=cfg.lstm_layers,
         codebook_size=cfg.codebook_size,
+        use_causal_conv=cfg.causal,
     )
     # EncodecModel uses floor(1000 * bandwidth / (frame_rate * bits)) codebooks. K times the rate of one
     # codebook is exact but for rare float roundings just below K (e.g. 31 x 7 bits at 75 Hz); there, half a
@@ -164,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lstm-layers", type=int, default=d.lstm_layers, help="LSTM layers in encoder and decoder")
     g.add_argument("--codebooks", type=int, default=d.codebooks, help="RVQ codebooks K")
     g.add_argument("--codebook-size", type=int, default=d.codebook_size, help="codewords per codebook (power of 2)")
+    g.add_argument("--causal", action=argparse.BooleanOptionalAction, default=d.causal,
+                   help="causal convolutions (default: centred, as MusicGen's 32 kHz EnCodec)")
     g = p.add_argument_group("quantizer")
     g.add_argument("--ema-decay", type=float, default=d.ema_decay, help="codebook EMA decay")
     g.add_argument("--dead-threshold", type=float, default=d.dead_threshold,
@@ -183,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--disc-filters", type=int, default=d.disc_filters, help="discriminator channels")
     g = p.add_argument_group("training")
     g.add_argument("--max-steps", type=int, default=d.max_steps, help="train up to this step")
+    g.add_argument("--time-limit", type=float, metavar="MIN", help="stop after MIN minutes of training (and save)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="segments per batch")
     g.add_argument("--segment-seconds", type=float, default=d.segment_seconds, help="segment length (s)")
     g.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (betas 0.5, 0.9)")

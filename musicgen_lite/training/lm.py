@@ -58,6 +58,8 @@ from .log import RunLog
 from .processes import Dist, autocast_dtype, setup_processes
 from .run import TrainingDiverged, run_training
 
+TIMING_STEPS = 20  # --time-limit times this many steps after skipping as many (start-up, caches)
+TIME_LIMIT_MARGIN = 0.92  # share of the remaining time planned for steps: validation and saving take the rest
 MAX_BAD_STEPS = 3  # non-finite steps in a row before rolling back
 MIN_LR_SCALE = 1 / 1024  # give up after ten halvings
 MIN_LR_RATIO = 0.1  # the cosine ends at this fraction of --lr
@@ -90,7 +92,7 @@ class Trainer:
             ex = model.chroma.extractor
             self.chroma_rate = ex.sample_rate / ex.hop_length
             self.chroma_length = chroma_frames(self.frames / model.frame_rate, ex)
-        self.segments = Segments(train_clips, self.frames, cfg.seed)
+        self.segments = Segments(train_clips, self.frames, cfg.seed, cfg.melody_track_prob if cfg.melody else 0.0)
         self.valid_segments = validation_segments(valid_clips, self.frames, cfg.eval_batches * cfg.batch_size)
         self.rows = cfg.batch_size // d.world  # segments per process per step
 
@@ -114,6 +116,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.amp == torch.float16)
         self.generator = torch.Generator()  # caption augmentation and CFG dropout of this process
         self.step, self.lr_scale, self.best_val = 0, 1.0, None
+        self.fitted_max_steps: int | None = None  # --max-steps as lowered by --time-limit
         self.bad_streak = 0
         self.num_codebooks = lm.cfg.num_codebooks
 
@@ -131,6 +134,7 @@ class Trainer:
         """Collective: every process contributes its RNG states; only the main process's dict is complete."""
         return {
             "step": self.step,
+            "fitted_max_steps": self.fitted_max_steps,
             "lr_scale": self.lr_scale,
             "best_val": self.best_val,
             "model": trainable_state(self.model),
@@ -147,6 +151,9 @@ class Trainer:
         if state["scaler"]:  # empty when the checkpoint was written without fp16 loss scaling
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.lr_scale, self.best_val = state["step"], state["lr_scale"], state["best_val"]
+        self.fitted_max_steps = state.get("fitted_max_steps")
+        if self.fitted_max_steps is not None:
+            self.max_steps = min(self.max_steps, self.fitted_max_steps)
         if len(state["rng"]) == self.d.world:
             set_rng_state(state["rng"][self.d.rank], self.generator, self.d.device)
         else:
@@ -256,8 +263,30 @@ class Trainer:
             self.log.audio(f"samples/{i}", wav, self.model.sample_rate, self.step)
 
     # -- the loop ------------------------------------------------------------------------------
+    def fit_time_limit(self, started: float, timed_from: tuple[int, float] | None) -> tuple[int, float] | None:
+        """--time-limit: time steps TIMING_STEPS..2*TIMING_STEPS of this invocation, then lower max_steps to
+        what the remaining time allows (the same on every process); stop at once when time is up."""
+        limit, now = self.cfg.time_limit * 60, time.perf_counter()
+        out_of_time = torch.tensor([int(self.d.main and now - started >= limit)], device=self.d.device)
+        if int(self.d.all_sum(out_of_time)):  # the main process decides for all
+            self.max_steps = self.fitted_max_steps = self.step
+            return timed_from
+        if timed_from is None:
+            return (self.step, now) if self.step >= TIMING_STEPS else None
+        first, t0 = timed_from
+        if first >= 0 and self.step - first >= TIMING_STEPS:
+            seconds_per_step = (now - t0) / (self.step - first)
+            fits = self.step + int(TIME_LIMIT_MARGIN * (limit - (now - started)) / seconds_per_step)
+            fits = int(self.d.all_sum(torch.tensor([fits if self.d.main else 0], device=self.d.device)))
+            if fits < self.max_steps:
+                self.max_steps = self.fitted_max_steps = max(fits, self.step + 1)
+                self.log.line(f"--time-limit: {seconds_per_step * 1000:.0f} ms per step; training to step {fits}")
+            return (-1, 0.0)  # done timing
+        return timed_from
+
     def fit(self) -> None:
         cfg, log = self.cfg, self.log
+        started, timed_from = time.perf_counter(), None
         self.net.train()
         bar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (self.d.main and sys.stderr.isatty()))
@@ -281,6 +310,8 @@ class Trainer:
                 acc += stats
                 acc_steps += 1
             bar.update(1)
+            if cfg.time_limit is not None:
+                timed_from = self.fit_time_limit(started, timed_from)
             fields: dict = {}
             if acc_steps and (self.step % cfg.log_every == 0 or self.step == self.max_steps):
                 rate = acc_steps / (time.perf_counter() - tick)

@@ -30,6 +30,7 @@ class Preset:
 PRESETS = {
     "tiny": Preset(64, 2, 4, 256, 64, 2, 4, 256),
     "small-cpu": Preset(256, 4, 4, 1024, 128, 2, 4, 512),
+    "medium-cpu": Preset(256, 6, 4, 1024, 192, 3, 4, 768),  # the default model v2: >= 10x real time on 2 cores
     "base": Preset(512, 8, 8, 2048, 256, 4, 4, 1024),
     "big": Preset(768, 12, 12, 3072, 512, 6, 8, 2048),
     "musicgen-small": Preset(1024, 24, 16, 4096, 768, 12, 12, 3072),  # t5-base for the text
@@ -51,6 +52,7 @@ class Config:
     melody: bool = False
     train_text_encoder: bool | None = None  # default: train a T5 built from the captions, freeze a pretrained one
     max_steps: int | None = None
+    time_limit: float | None = None  # minutes of training for this invocation; max_steps is lowered to fit
     epochs: float | None = None
     batch_size: int = 8
     lr: float | None = None  # None: 1e-4 when fine-tuning, 5e-4 from scratch
@@ -58,6 +60,7 @@ class Config:
     weight_decay: float = 0.1
     segment_seconds: float = 10.0
     condition_dropout: float = 0.1
+    melody_track_prob: float = 0.75  # rows conditioned on the hummed melody track where a file has one
     caption_augment: bool = True
     precision: str = "auto"
     save_every: int = 500
@@ -101,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the T5 encoder fixed (default for a pretrained one)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs worth)")
+    g.add_argument("--time-limit", type=float, metavar="MIN",
+                   help="train for about MIN minutes: after the first steps are timed, --max-steps is lowered to "
+                        "what fits, so the learning-rate schedule still ends where it should")
     g.add_argument("--epochs", type=float, help="passes over the training segments (default 10 without --max-steps)")
     g.add_argument("--batch-size", type=int, default=c.batch_size, help=f"segments per step, over all processes "
                    f"(default {c.batch_size})")
@@ -109,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=c.weight_decay, help="AdamW decay of weight matrices")
     g.add_argument("--segment-seconds", type=float, default=c.segment_seconds, help=f"length of a training "
                    f"segment (default {c.segment_seconds:g})")
+    g.add_argument("--melody-track-prob", type=float, default=c.melody_track_prob,
+                   help="with --melody: share of rows conditioned on the chroma of a file's hummed melody track "
+                        "(metadata \"melody\"), the rest on the chroma of the mix itself "
+                        f"(default {c.melody_track_prob:g})")
     g.add_argument("--cfg-dropout", dest="condition_dropout", type=float, default=c.condition_dropout, help="probability of replacing a row's "
                    f"text and melody by the null condition (default {c.condition_dropout:g})")
     g.add_argument("--caption-augment", action=argparse.BooleanOptionalAction, default=c.caption_augment,
@@ -143,10 +153,11 @@ def parse_args(argv: list[str] | None) -> Config:
     positive = {"--batch-size": cfg.batch_size, "--save-every": cfg.save_every, "--eval-every": cfg.eval_every,
                 "--eval-batches": cfg.eval_batches, "--log-every": cfg.log_every, "--keep": cfg.keep,
                 "--segment-seconds": cfg.segment_seconds, "--chunk-seconds": cfg.chunk_seconds}
-    check_all(positive | {"--max-steps": cfg.max_steps, "--epochs": cfg.epochs, "--lr": cfg.lr},
+    check_all(positive | {"--max-steps": cfg.max_steps, "--epochs": cfg.epochs, "--lr": cfg.lr,
+                          "--time-limit": cfg.time_limit},
               lambda v: v > 0, "must be > 0")
-    if not 0 <= cfg.condition_dropout <= 1 or not 0 <= cfg.valid_fraction < 1:
-        raise UsageError("--cfg-dropout must be in [0, 1] and --valid-fraction in [0, 1)")
+    if not 0 <= cfg.condition_dropout <= 1 or not 0 <= cfg.melody_track_prob <= 1 or not 0 <= cfg.valid_fraction < 1:
+        raise UsageError("--cfg-dropout and --melody-track-prob must be in [0, 1] and --valid-fraction in [0, 1)")
     if cfg.num_workers < 0 or (cfg.warmup_steps is not None and cfg.warmup_steps < 0) or cfg.weight_decay < 0:
         raise UsageError("--num-workers, --warmup-steps and --weight-decay must be >= 0")
     if cfg.model is not None:

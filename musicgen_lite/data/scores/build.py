@@ -24,7 +24,8 @@ from .corpus import (
     score_to_midi,
 )
 from .performance import force_piano, performance_from_midi
-from .render import Job, default_soundfont, render_piece, write_text
+from .augment import render_variants
+from .render import Job, default_soundfont, export_midi, render_piece, write_text
 
 PROG = "python -m musicgen_lite.data.scores"
 
@@ -82,8 +83,11 @@ def render_source(source: Source, job: Job, done: frozenset[str], budget: PieceB
                     else:
                         info = score_info(source, piece_id, score)
                         midi_file = score_to_midi(score, GENRE_DEFAULT_BEAT_BPM.get(info.genre))
+                        if job.export_midi:
+                            emit(("rows", export_midi(midi_file, info, job)))
+                            continue
                         perf = performance_from_midi(midi_file)
-                    emit(("rows", render_piece(perf, info, job)))
+                    emit(("rows", (render_variants if job.variants else render_piece)(perf, info, job)))
                 except Exception as exc:  # one bad score must not stop the run
                     failures += 1
                     label = source.key if piece_id == source.piece_id else f"{source.key}#{piece_id}"
@@ -242,6 +246,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="humanisation seed (default 0)")
     parser.add_argument("--max-pieces", type=int, metavar="N", help="stop after N new pieces (rendered or failed)")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
+    parser.add_argument("--variants", type=int, default=0, metavar="N",
+                        help="cut pieces into excerpts and render each N times, transposed and tempo-scaled, with "
+                             "a hummed melody track and captions of what was played (default 0: whole pieces)")
+    parser.add_argument("--excerpt-seconds", type=float, default=12.0, help="rendered length of an excerpt (12)")
+    parser.add_argument("--export-midi", action="store_true",
+                        help="write the corpus as piano MIDI files with caption sidecars instead of audio: "
+                             "render them later, on any machine, with --midi (no music21 needed there)")
     return parser.parse_args(argv)
 
 
@@ -259,6 +270,10 @@ def run(argv: list[str] | None = None) -> str:
     args = _parse_args(argv)
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
+    if args.variants < 0 or not args.excerpt_seconds > 0:
+        raise UsageError("--variants must be >= 0 and --excerpt-seconds > 0")
+    if args.export_midi and args.midi is not None:
+        raise UsageError("--export-midi reads the music21 corpus; --midi files are MIDI already")
     if args.max_pieces is not None and args.max_pieces < 1:
         raise UsageError("--max-pieces must be at least 1")
     if args.midi is not None and not args.midi.is_dir():
@@ -286,7 +301,7 @@ def run(argv: list[str] | None = None) -> str:
             if unknown:
                 raise UsageError(f"unknown composers {', '.join(unknown)}; choose from {' '.join(corpus_collections())}")
         sources = corpus_sources(args.composers)
-    job = Job(str(args.out), soundfont, args.seed)
+    job = Job(str(args.out), soundfont, args.seed, args.variants, args.excerpt_seconds, args.export_midi)
     return build(sources, job, args.workers, args.max_pieces).summary()
 
 

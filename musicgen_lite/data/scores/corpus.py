@@ -302,7 +302,12 @@ def score_info(source: Source, piece_id: str, score: Any) -> PieceInfo:
 
 
 def midi_info(source: Source, perf: Performance) -> PieceInfo:
-    """Caption context of a user's MIDI file from its path and meta events."""
+    """Caption context of a user's MIDI file: its sidecar (``--export-midi``), else its path and meta events."""
+    sidecar = Path(source.path).with_suffix(".json")
+    if sidecar.is_file():
+        import json
+
+        return PieceInfo(**json.loads(sidecar.read_text(encoding="utf-8")))
     rel = source.key.split("/", 1)[1]
     path_text = " ".join(Path(rel).with_suffix("").parts)
     composer = find_composer(path_text, *perf.names)

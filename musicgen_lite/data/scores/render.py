@@ -162,6 +162,9 @@ class Job:
     out: str
     soundfont: str
     seed: int = 0
+    variants: int = 0  # augmented renderings per excerpt (augment.py); 0: each piece once, whole
+    excerpt_seconds: float = 12.0  # rendered length of an augmented excerpt
+    export_midi: bool = False  # write piano MIDI + caption sidecars instead of audio
 
 
 _SYNTHS: dict[str, PianoSynth] = {}  # one loaded SoundFont per process
@@ -205,3 +208,23 @@ def render_piece(perf: Performance, info: PieceInfo, job: Job) -> list[dict[str,
             "source": info.source,
         })
     return rows
+
+
+def export_midi(midi_file: Any, info: PieceInfo, job: Job) -> list[dict[str, Any]]:
+    """Write a score's piano MIDI and its caption context (``midi/<folder>/<id>.mid`` + ``.json``).
+
+    `--midi` reads the sidecar back, so captions, genres and splits survive the trip.
+    """
+    import dataclasses
+    import io
+    import json
+
+    path = Path(job.out) / "midi" / info.folder / f"{info.piece_id}.mid"
+    buffer = io.BytesIO()
+    midi_file.save(file=buffer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+    write_text(path.with_suffix(".json"), json.dumps(dataclasses.asdict(info)))
+    return [{"path": path.relative_to(job.out).as_posix(), "piece": info.piece_id, "split": split_for(info.work_id),
+             "composer": info.composer or info.folder, "source": info.source}]
