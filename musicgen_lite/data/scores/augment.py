@@ -28,7 +28,7 @@ from conditioning.melody_line import melody_line
 
 from .captions import CaptionFields, _sharps_for, key_name, split_for
 from .performance import Humanize, Note, Performance, PieceInfo, _dominant, describe, humanize
-from .render import SAMPLE_RATE, Job, _synth, normalize_loudness, write_text, write_wav
+from .render import SAMPLE_RATE, Job, _synth, normalize_rms, write_text, write_wav
 from .voice import random_voice, sing
 
 # (word, lowest quarter-note BPM): a tempo belongs to the last word whose bound it reaches
@@ -184,7 +184,7 @@ def render_variants(perf: Performance, info: PieceInfo, job: Job) -> list[dict[s
             played = humanize(played, rng, STEADY)
             samples = int(round((job.excerpt_seconds + RELEASE_SECONDS) * SAMPLE_RATE))
             audio = _synth(job.soundfont).render(played)[:samples]
-            audio = normalize_loudness(np.pad(audio, (0, samples - len(audio))))
+            audio = normalize_rms(np.pad(audio, (0, samples - len(audio))))
             line = melody_line([(n.start, n.end, n.pitch) for n in played.notes])
             hum = sing(line, samples, random_voice(rng), rng)
             name = f"{info.piece_id}-x{index:03d}-v{v}"
