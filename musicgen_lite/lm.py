@@ -92,6 +92,10 @@ class LMConditions:
     cross: Tensor | None = None  # [N, L, D] cross-attention memory ("cross" models)
     cross_mask: Tensor | None = None  # [N, L] 1 = attend, 0 = padding
     prefix: Tensor | None = None  # [N, P, D] embeddings placed before the tokens ("prefix" models)
+    # [N, P] 1 = a real prefix entry, 0 = padding. Given, each row is packed (its real entries, then its
+    # tokens) and has its own positions, so a row's output does not depend on its neighbours' padding;
+    # None keeps the padded prefix and positions shared by all rows (transformers' MusicGen-Melody)
+    prefix_mask: Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -115,11 +119,17 @@ class KVCache:
     positions filled, the cross-attention keys/values of rows [0, attending) (computed once; the rows
     after them are silent, their cross-attention output is zero) and the packed step weights."""
 
-    def __init__(self, cfg: LMConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: LMConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device, ragged: bool = False):
         shape = (cfg.num_layers, rows, cfg.num_heads, max_len, cfg.dim // cfg.num_heads)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        alloc = torch.zeros if ragged else torch.empty  # ragged rows mask slots they never wrote: finite ones
+        self.k = alloc(shape, dtype=dtype, device=device)
+        self.v = alloc(shape, dtype=dtype, device=device)
         self.length = 0  # positions filled so far
+        # ragged rows (a packed prefix): how far each row's own position trails `length` [N], the cache
+        # slots (= positions) of the step's inputs [N, T] and the keys each input may see [N, 1, T, S]
+        self.lag: Tensor | None = None
+        self.rows_at: Tensor | None = None
+        self.rows_mask: Tensor | None = None
         self.cross: list[tuple[Tensor, Tensor]] | None = None  # per layer, [attending, H, L, hd] each
         self.cross_bias: Tensor | None = None  # [attending, 1, 1, L] additive mask
         self.attending = rows
@@ -151,10 +161,17 @@ class SelfAttention(nn.Module):
             )
         else:
             start, end = cache.length, cache.length + t
-            cache.k[layer, :, :, start:end] = k
-            cache.v[layer, :, :, start:end] = v
+            if cache.rows_at is None:
+                cache.k[layer, :, :, start:end] = k
+                cache.v[layer, :, :, start:end] = v
+            else:  # each row writes at its own positions
+                rows = torch.arange(n, device=x.device)[:, None]
+                cache.k[layer][rows, :, cache.rows_at] = k.transpose(1, 2)
+                cache.v[layer][rows, :, cache.rows_at] = v.transpose(1, 2)
             k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
-            if t == 1:  # one new query sees every cached key
+            if cache.rows_mask is not None:
+                y = row_invariant_attention(q, k, v, cache.rows_mask)
+            elif t == 1:  # one new query sees every cached key
                 y = F.scaled_dot_product_attention(q, k, v)
             elif start == 0:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -326,16 +343,20 @@ class TransformerLM(nn.Module):
         """Teacher-forced pass for training: [B, K, S] tokens -> [B, K, S, card] logits (position s
         predicts step s + 1). For prefix models the prefix positions are dropped from the output."""
         x = self.embed_tokens(tokens)
-        prefix = 0
-        if conditions.prefix is not None:
-            prefix = conditions.prefix.shape[1]
+        steps = x.shape[1]
+        ends = torch.full((x.shape[0],), steps, device=x.device)  # [B] where each row's tokens end
+        if conditions.prefix is not None and conditions.prefix_mask is not None:
+            x, ends = pack_rows(conditions.prefix.to(x), conditions.prefix_mask, x)
+        elif conditions.prefix is not None:
             x = torch.cat([conditions.prefix.to(x), x], dim=1)
+            ends += conditions.prefix.shape[1]
         x = x + self.positions(0, x.shape[1], x)
         x = F.dropout(x, self.cfg.dropout, self.training)
         cross_kv, bias = self._cross(conditions.cross, conditions.cross_mask)
         for i, layer in enumerate(self.layers):
             x = layer(x, None, i, cross_kv[i] if cross_kv else None, bias)
-        return self._logits(self.norm(x[:, prefix:]), None)
+        at = ends[:, None] - steps + torch.arange(steps, device=x.device)  # [B, S] the tokens' positions
+        return self._logits(self.norm(x.gather(1, at[..., None].expand(-1, -1, x.shape[-1]))), None)
 
     def _cross(self, cross: Tensor | None, mask: Tensor | None):
         """Per-layer cross-attention keys/values of [N, L, D] states, and the [N, 1, 1, L] bias."""
@@ -356,7 +377,7 @@ class TransformerLM(nn.Module):
         for the rows that can see anything, and (CPU) the step's weights packed for oneDNN."""
         rows = conditions.rows
         prefix = 0 if conditions.prefix is None else conditions.prefix.shape[1]
-        cache = KVCache(self.cfg, rows, prefix + max_steps, self.dtype, self.device)
+        cache = KVCache(self.cfg, rows, prefix + max_steps, self.dtype, self.device, conditions.prefix_mask is not None)
         if self.cfg.conditioning == "cross":
             cache.attending = attending_rows(conditions.cross, conditions.cross_mask)
             mask = None if conditions.cross_mask is None else conditions.cross_mask[: cache.attending]
@@ -386,12 +407,55 @@ class TransformerLM(nn.Module):
         [N, K, card]. The prefix (prefix models) is prepended on the first call, when the cache is empty."""
         x = self.embed_tokens(tokens)
         if cache.length == 0 and conditions is not None and conditions.prefix is not None:
-            x = torch.cat([conditions.prefix.to(x), x], dim=1)
-        x = x + self.positions(cache.length, x.shape[1], x)
+            if conditions.prefix_mask is None:
+                x = torch.cat([conditions.prefix.to(x), x], dim=1)
+            else:
+                x, ends = pack_rows(conditions.prefix.to(x), conditions.prefix_mask, x)
+                cache.lag = x.shape[1] - ends
+        n, t = x.shape[:2]
+        last = torch.full((n,), t - 1, device=x.device)  # [N] each row's last input
+        cache.rows_at = cache.rows_mask = None
+        if cache.lag is None:
+            x = x + self.positions(cache.length, t, x)
+        else:
+            at = torch.arange(t, device=x.device)[None]  # [1, T] the packed first call: every row from 0
+            if cache.length:  # later calls: each row at its own positions, which are its cache slots
+                at = cache.length - cache.lag[:, None] + at  # [N, T]
+                cache.rows_at = at
+            else:
+                last = last - cache.lag
+            x = x + self.positions(0, int(at.max()) + 1, x)[at]
+            keys = torch.arange(cache.length + t, device=x.device)
+            cache.rows_mask = (keys <= at[..., None])[:, None]  # [N or 1, 1, T, S]: a row's own filled slots
         for i, layer in enumerate(self.layers):
             x = layer(x, cache, i, cache.cross[i] if cache.cross else None, cache.cross_bias)
-        cache.length += x.shape[1]
-        return self._logits(self.norm(x[:, -1:]), cache)[:, :, 0]
+        cache.length += t
+        h = x.gather(1, last[:, None, None].expand(-1, 1, x.shape[-1]))  # [N, 1, D]
+        return self._logits(self.norm(h), cache)[:, :, 0]
+
+
+KEY_BLOCK = 64  # keys are padded to a multiple of this in row_invariant_attention
+
+
+def row_invariant_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(hd)) v over the `allowed` keys ([N, H, T, hd] queries, [N, H, S, hd] keys and
+    values, [N or 1, 1, T, S] mask), computed so that a row's result does not depend on how many masked
+    keys trail its own: the keys are padded to a multiple of KEY_BLOCK, so that vectorised reductions
+    group a row's keys the same way whatever the padding (fused attention kernels do not)."""
+    pad = -k.shape[-2] % KEY_BLOCK
+    k, v, allowed = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)), F.pad(allowed, (0, pad))
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [N, H, T, S]
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+
+
+def pack_rows(prefix: Tensor, mask: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """[N, P, D] prefix with its [N, P] mask, and [N, T, D] token embeddings -> [N, P + T, D] rows that
+    hold each row's real prefix entries in order, then its tokens, then its padding; and [N] where each
+    row's tokens end. Padding at the end is never seen by a real position under causal attention."""
+    seq = torch.cat([prefix, x], dim=1)  # [N, P + T, D]
+    real = torch.cat([mask.bool(), mask.new_ones(x.shape[:2], dtype=torch.bool)], dim=1)  # [N, P + T]
+    order = torch.argsort((~real).to(torch.uint8), dim=1, stable=True)  # real entries first, in order
+    return seq.gather(1, order[..., None].expand(-1, -1, seq.shape[-1])), real.sum(1)
 
 
 def attending_rows(cross: Tensor, mask: Tensor | None) -> int:

@@ -4,6 +4,11 @@
                                           +--> TransformerLM --(pattern, sampling)--> codes --codec--> audio
     melody --ChromaConditioner--> [B, C, D] (prefix models only)
 
+Prefix models give each row its own positions (`LMConditions.prefix_mask`), so that a prompt's output
+does not depend on the other prompts of its batch; `padded_prefix` (set for transformers' MusicGen-Melody
+checkpoints) keeps transformers' layout instead, a prefix padded to the batch's longest text, which is
+what token-exactness with transformers needs.
+
 Generation longer than `max_duration` slides a window over the output, as audiocraft does: each new
 window is prompted with the last `max_duration - extend_stride` seconds of codes and, for melody
 models, sees the chromagram from its own start time.
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codebooks.codec import EncodecCodec
@@ -43,6 +49,7 @@ class MusicGen(nn.Module):
         chroma: ChromaConditioner | None = None,
         max_duration: float = 30.0,
         extend_stride: float = 18.0,
+        padded_prefix: bool = False,
     ):
         super().__init__()
         if codec.num_codebooks != lm.cfg.num_codebooks or codec.cardinality != lm.cfg.card:
@@ -56,6 +63,7 @@ class MusicGen(nn.Module):
             raise ValueError("extend_stride must be in (0, max_duration)")
         self.lm, self.codec, self.text, self.chroma = lm, codec, text, chroma
         self.max_duration, self.extend_stride = float(max_duration), float(extend_stride)
+        self.padded_prefix = padded_prefix  # transformers' batching for prefix models, see the module docstring
         self.pattern: CodebookPattern = make_pattern(lm.cfg.pattern, lm.cfg.num_codebooks)
 
     @property
@@ -74,19 +82,32 @@ class MusicGen(nn.Module):
     def conditions(self, texts: list[str], melody: Tensor | None, guided: bool) -> LMConditions:
         """Texts (B) and optional one-hot chroma features [B, T, 12] -> LM conditions, with the null
         rows appended when guided: zero text states with an all-zero mask, and the null melody."""
-        emb, mask = self.text(texts)  # [B, L, D], [B, L]
+        emb, mask = self.encode_texts(texts)  # [B, L, D], [B, L]
+        tokens = mask  # the text's own tokens: a null row keeps as many (zero) entries as its conditional row
         if guided:
             null_emb, null_mask = null_text(emb, mask)
-            emb, mask = torch.cat([emb, null_emb]), torch.cat([mask, null_mask])
+            emb, mask, tokens = torch.cat([emb, null_emb]), torch.cat([mask, null_mask]), torch.cat([mask, mask])
         if self.lm.cfg.conditioning == "cross":
             return LMConditions(cross=emb, cross_mask=mask)
-        parts = [emb]
+        chroma = None
         if self.chroma is not None:
             feats = melody if melody is not None else self.chroma.null_features(len(texts))
             if guided:
                 feats = torch.cat([feats, null_chroma_features(feats)])
-            parts.insert(0, self.chroma(feats))  # [N, chroma_length, D]
-        return LMConditions(prefix=torch.cat(parts, dim=1))
+            chroma = self.chroma(feats)  # [N, chroma_length, D]
+        return prefix_conditions(emb, None if self.padded_prefix else tokens, chroma)
+
+    def encode_texts(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """Texts (B) -> T5 states [B, L, D] and mask [B, L], padded to the longest text. Each text is
+        encoded on its own (a padded batch can round differently row by row), except with `padded_prefix`,
+        where the batch is encoded together as transformers does."""
+        if self.padded_prefix:
+            return self.text(texts)
+        rows = [self.text([t]) for t in texts]  # ([1, L_i, D], [1, L_i]) each
+        length = max(mask.shape[1] for _, mask in rows)
+        emb = torch.cat([F.pad(e, (0, 0, 0, length - e.shape[1])) for e, _ in rows])
+        mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for _, m in rows])
+        return emb, mask
 
     def melody_features(self, wavs: list[Tensor | None]) -> Tensor | None:
         """Mono waveforms at the chroma rate (None = no melody for that row) -> one-hot [B, T, 12],
@@ -96,7 +117,10 @@ class MusicGen(nn.Module):
         given = [w for w in wavs if w is not None]
         if not given:
             return None
-        feats = iter(self.chroma.features(given))  # [B', T, 12]
+        if self.padded_prefix:  # transformers pads every melody to the longest one
+            feats = iter(self.chroma.features(given))  # [B', T, 12]
+        else:  # each melody on its own, looped to the conditioner's length: rows do not see each other
+            feats = iter(torch.cat([self._looped(self.chroma.features([w])) for w in given]))
         out = [next(feats) if w is not None else None for w in wavs]
         ref = next(f for f in out if f is not None)
         null = self.chroma.null_features(1, ref.shape[0], device=ref.device)[0]
@@ -133,6 +157,10 @@ class MusicGen(nn.Module):
             offset += stride
         return out
 
+    def _looped(self, feats: Tensor) -> Tensor:
+        """[1, T, 12] features -> [1, chroma_length, 12], looped or cut as ChromaConditioner does."""
+        return feats.repeat(1, math.ceil(self.chroma.chroma_length / feats.shape[1]), 1)[:, : self.chroma.chroma_length]
+
     def _melody_window(self, wavs: list[Tensor | None] | None, frame_offset: int) -> Tensor | None:
         """Chroma features for a window starting at token frame `frame_offset`. The first window
         hears each melody whole (as transformers does); later ones hear `max_duration` seconds of
@@ -154,6 +182,7 @@ class MusicGen(nn.Module):
             "lm": self.lm.cfg.to_dict(),
             "max_duration": self.max_duration,
             "extend_stride": self.extend_stride,
+            "padded_prefix": self.padded_prefix,
             "chroma": None if self.chroma is None else self._chroma_config(),
         }
 
@@ -207,8 +236,18 @@ class MusicGen(nn.Module):
             chroma = ChromaConditioner(dim=lm.cfg.dim, **cfg["chroma"])
             chroma.load_state_dict(_strip(tensors, "chroma."))
         codec = EncodecCodec.from_pretrained(path / "codec", num_codebooks=lm.cfg.num_codebooks)
-        model = cls(lm, codec, text, chroma, cfg["max_duration"], cfg["extend_stride"])
+        model = cls(lm, codec, text, chroma, cfg["max_duration"], cfg["extend_stride"], cfg.get("padded_prefix", False))
         return model.eval()
+
+
+def prefix_conditions(text: Tensor, text_tokens: Tensor | None, chroma: Tensor | None) -> LMConditions:
+    """The prefix of a prefix model, [chroma | text]: text states [N, L, D], chroma states [N, C, D] or
+    None. `text_tokens` [N, L] (1 = a token of the row's text) gives each row its own positions; None
+    keeps the padded layout of transformers' MusicGen-Melody."""
+    if chroma is None:
+        return LMConditions(prefix=text, prefix_mask=text_tokens)
+    mask = None if text_tokens is None else torch.cat([text_tokens.new_ones(chroma.shape[:2]), text_tokens], dim=1)
+    return LMConditions(prefix=torch.cat([chroma, text], dim=1), prefix_mask=mask)
 
 
 def _strip(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

@@ -55,7 +55,7 @@ from .audio_data import AudioFile, Clip, DataError, TokenCache, chroma_span, sca
 from .checkpoints import load_model
 from .cli import UsageError, _Parser
 from .lm import LMConditions, LMConfig, TransformerLM
-from .model import MusicGen
+from .model import MusicGen, prefix_conditions
 
 PROG = "train.py lm"
 
@@ -353,6 +353,7 @@ def build_base(cfg: Config, files: list[AudioFile], path: Path) -> None:
             raise UsageError(str(e)) from None
         if cfg.melody and not model.has_melody:
             raise UsageError(f"--melody needs a melody model, and {cfg.model} has no melody conditioning")
+        model.padded_prefix = False  # trained here: each row at its own positions, as generation then places it
         model.save_pretrained(path)
         return
     try:
@@ -408,11 +409,13 @@ class TeacherForcing(nn.Module):
         super().__init__()
         self.lm, self.text, self.chroma = model.lm, model.text, model.chroma
         self.pattern = model.pattern
+        self.padded_prefix = model.padded_prefix
 
     def forward(self, codes: Tensor, valid: Tensor, texts: list[str], captioned: Tensor, chroma: Tensor | None,
                 cfg_dropout: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         cfg = self.lm.cfg
         emb, mask = self.text(texts)  # [B, L, D], [B, L]
+        tokens = mask  # each row's own text length, also where its condition is dropped (as at generation)
         feats = None if chroma is None else F.one_hot(chroma, self.chroma.num_chroma).float()  # [B, C, 12]
         if generator is not None:  # training: classifier-free guidance dropout of text and melody together
             emb, mask, feats = drop_conditions(emb, mask, feats, cfg_dropout, generator)
@@ -420,8 +423,8 @@ class TeacherForcing(nn.Module):
         mask = mask * captioned[:, None]
         if cfg.conditioning == "cross":
             cond = LMConditions(cross=emb, cross_mask=mask)
-        else:  # same layout as MusicGen.conditions: [chroma | text]
-            cond = LMConditions(prefix=emb if feats is None else torch.cat([self.chroma(feats), emb], dim=1))
+        else:  # same layout as MusicGen.conditions: [chroma | text], each row at its own positions
+            cond = prefix_conditions(emb, None if self.padded_prefix else tokens, None if feats is None else self.chroma(feats))
         seq = self.pattern.build(codes, cfg.special_token)  # [B, K, S]
         real = self.pattern.build(valid[:, None].expand(-1, cfg.num_codebooks, -1).long(), 0).bool()  # [B, K, S]
         logits = self.lm(seq[:, :, :-1], cond)  # [B, K, S-1, card]: step s predicts step s + 1

@@ -46,13 +46,42 @@ def test_same_seed_same_tokens_different_seed_differs(model):
     assert not np.array_equal(a.tokens, c.tokens)
 
 
-def test_a_prompt_gives_the_same_output_at_any_batch_position(model):
-    single = musicgen_lite.generate("piano sonata", duration=0.3, model=model, seed=3)
-    first = musicgen_lite.generate(["piano sonata", "organ"], duration=0.3, model=model, seed=3)
-    second = musicgen_lite.generate(["a long caption for an organ chorale", "piano sonata"], duration=0.3, model=model, seed=3)
+@pytest.mark.parametrize("which", ["cross-attention (transformers' MusicGen)", "prefix, built like the default model",
+                                   "the bundled default model"])
+def test_a_prompt_gives_the_same_output_at_any_batch_position(which, request):
+    """Texts of other lengths pad the batch: a row must not see that padding, nor be placed after it."""
+    if which.startswith("cross"):
+        model = musicgen_lite.load_model(request.getfixturevalue("tiny_musicgen_dir"))
+    elif which.startswith("prefix"):
+        model = musicgen_lite.load_model(request.getfixturevalue("tiny_default_like_dir"))
+    else:
+        model = None
+    args = dict(duration=0.6 if model is None else 0.3, model=model, seed=3)
+    single = musicgen_lite.generate("piano sonata", **args)
+    first = musicgen_lite.generate(["piano sonata", "organ"], **args)
+    second = musicgen_lite.generate(["a long caption for an organ chorale with brass and strings", "piano sonata"], **args)
     np.testing.assert_array_equal(single.tokens[0], first.tokens[0])
     np.testing.assert_array_equal(single.tokens[0], second.tokens[1])
     np.testing.assert_array_equal(single.audio[0], second.audio[1])
+    np.testing.assert_array_equal(first.tokens[1], musicgen_lite.generate("organ", **args).tokens[0])
+
+
+def test_a_melody_gives_the_same_output_at_any_batch_position(tiny_default_like_dir):
+    """Melodies of other lengths in the batch change neither the chromagram nor the tokens of a row."""
+    from hum import synth_hum
+
+    model = musicgen_lite.load_model(tiny_default_like_dir)
+    short, long = synth_hum([60, 64, 67], note_seconds=0.4), synth_hum([62, 65, 69, 72, 74], note_seconds=0.5)
+    args = dict(melody_sample_rate=32000, duration=0.3, model=model, seed=4)
+    single = musicgen_lite.generate("folk tune", melody=short, **args)
+    batch = musicgen_lite.generate(["orchestral film score with soaring strings", "folk tune"], melody=[long, short], **args)
+    np.testing.assert_array_equal(single.tokens[0], batch.tokens[1])
+
+
+def test_transformers_melody_checkpoints_keep_transformers_batching(melody_model, tiny_default_like_dir):
+    """Token-exactness with transformers needs its padded prefix; the project's own models do not pad."""
+    assert melody_model.padded_prefix
+    assert not musicgen_lite.load_model(tiny_default_like_dir).padded_prefix
 
 
 def test_a_list_of_seeds_gives_each_row_its_own(model):
