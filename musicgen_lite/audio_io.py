@@ -9,9 +9,9 @@ Loudness follows ITU-R BS.1770-4 (the measure behind the LUFS targets of streami
 
 Channels are weighted 1.0, the standard's weight for left, right and centre: the models here make
 mono or stereo. Normalising to a target raises quiet generations and tames loud ones so that outputs
-sit at a common level; a true-peak ceiling (-1 dBTP by default) then scales the result down where
-the gain would push peaks into clipping, as audiocraft's `audio_write` limits peaks after its
-loudness step.
+sit at a common level; where the gain would push true peaks over a ceiling (-1 dBTP by default), a
+look-ahead limiter (limiter.py) turns those moments down, and the gain is corrected for the loudness
+the limiter took, until the target is met or the limiter's bound is reached.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +27,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 from numpy.lib.stride_tricks import sliding_window_view
-from scipy.signal import lfilter, resample_poly
+from scipy.signal import lfilter
+
+from .limiter import MAX_REDUCTION_DB, limit, peak_envelope
 
 FORMATS = {".wav": "WAV", ".flac": "FLAC"}
 SUBTYPES = ("PCM_16", "FLOAT")
@@ -35,7 +38,9 @@ HOP_SECONDS = 0.1  # 75 % overlap between consecutive 400 ms blocks
 ABSOLUTE_GATE = -70.0  # LUFS
 RELATIVE_GATE = -10.0  # LU below the loudness of the blocks that pass the absolute gate
 OFFSET = -0.691  # cancels the K-weighting's +0.691 dB at 997 Hz, so a sine reads its RMS level
-OVERSAMPLING = 4  # BS.1770-4 Annex 2: the peak of a 4x oversampled signal estimates the true peak
+PEAK_CEILING = -1.0  # dBTP, the ceiling of every loudness-normalised output
+TOLERANCE_LU = 0.1  # close enough to a loudness target
+MAX_PASSES = 6  # limiting lowers the loudness a little: re-measure and correct the gain at most this often
 
 # Analog prototypes of the K-weighting filters: centre frequency (Hz), Q and, for the shelf, its
 # high-frequency gain (dB) and the exponent that sets its band term. Bilinear-transformed with
@@ -87,26 +92,52 @@ def true_peak(audio: np.ndarray) -> float:
     A sine can peak between samples: at a quarter of the sample rate its samples may sit at 0.707 of
     the true peak. Oversampling by a fixed factor makes the estimate independent of the rate.
     """
-    audio = _as_channels(audio).astype(np.float64)
-    upsampled = resample_poly(audio, OVERSAMPLING, 1, axis=-1)
-    return float(max(np.abs(audio).max(), np.abs(upsampled).max()))
+    return float(peak_envelope(_as_channels(audio).astype(np.float64)).max())
 
 
-def normalize_loudness(audio: np.ndarray, sample_rate: int, target: float = -14.0, peak: float = -1.0) -> np.ndarray:
-    """[C, N] audio scaled to `target` LUFS, then scaled down further if its true peak would exceed
-    `peak` dBTP (so the result can read below the target). Silence is returned unchanged."""
+class LoudnessWarning(UserWarning):
+    """A loudness target was not reached: the peak limiter's bound stopped the gain."""
+
+
+def normalize_loudness(audio: np.ndarray, sample_rate: int, target: float = -14.0, peak: float = PEAK_CEILING) -> np.ndarray:
+    """[C, N] audio scaled to `target` LUFS with true peaks at most `peak` dBTP: a look-ahead limiter
+    (limiter.py) turns the peaks down, and the gain is raised by the loudness the limiter took until
+    the target is met. Where that would need more than MAX_REDUCTION_DB of limiting, the limiter stops
+    at its bound, the result reads below the target and a LoudnessWarning gives the level reached.
+    Silence is returned unchanged."""
+    out, reached = _normalized(audio, sample_rate, target, peak)
+    if short := _shortfall(reached, target, peak):
+        warnings.warn(short, LoudnessWarning, stacklevel=2)
+    return out
+
+
+def _normalized(audio: np.ndarray, sample_rate: int, target: float, peak: float) -> tuple[np.ndarray, float]:
+    """normalize_loudness's audio, and the loudness it reached (-inf for silence)."""
     _check_db("target", target)
     _check_db("peak", peak)
     audio = _as_channels(audio).astype(np.float32)
     measured = loudness(audio, sample_rate)
     if measured == -math.inf:
-        return audio.copy()
-    out = audio * np.float32(10.0 ** ((target - measured) / 20.0))
-    ceiling = 10.0 ** (peak / 20.0)
-    highest = true_peak(out)
-    if highest > ceiling:
-        out *= np.float32(ceiling / highest)
-    return out
+        return audio.copy(), measured
+    gain_db, best, best_level = target - measured, None, -math.inf
+    for _ in range(MAX_PASSES):
+        out = limit(audio.astype(np.float64) * 10.0 ** (gain_db / 20.0), sample_rate, peak)
+        level = loudness(out, sample_rate)
+        improved = best is None or abs(level - target) < abs(best_level - target)
+        if improved:
+            best, best_level = out, level
+        if abs(level - target) <= TOLERANCE_LU or not improved:
+            break  # met, or more gain only presses harder against the limiter's bound
+        gain_db += target - level
+    return best.astype(np.float32), best_level
+
+
+def _shortfall(reached: float, target: float, peak: float) -> str | None:
+    """What to say when the limiter's bound left a (not silent) output short of its target."""
+    if not math.isfinite(reached) or reached >= target - TOLERANCE_LU:
+        return None
+    return (f"reached {reached:.1f} LUFS, not {target:g}: the peaks would need more than "
+            f"{MAX_REDUCTION_DB:g} dB of limiting to stay under {peak:g} dBTP")
 
 
 def write_audio(
@@ -120,7 +151,8 @@ def write_audio(
     """Write [C, N] float audio to `path` (.wav or .flac, chosen by the suffix).
 
     `subtype` "PCM_16" clips to [-1, 1]; "FLOAT" (WAV only) keeps 32-bit float samples as they are.
-    `loudness` (LUFS) normalises first, with a -1 dBTP ceiling. The file is written beside its
+    `loudness` (LUFS) normalises first, with a -1 dBTP ceiling (a LoudnessWarning naming the file
+    gives the level reached where the limiter's bound stops short of the target). The file is written beside its
     destination under a temporary name and renamed, so a failure never leaves a partial file.
     """
     path = check_output(path, subtype=subtype, loudness=loudness)
@@ -129,7 +161,9 @@ def write_audio(
     if not np.isfinite(audio).all():
         raise ValueError("audio contains NaN or infinite samples")
     if loudness is not None:
-        audio = normalize_loudness(audio, sample_rate, target=loudness)
+        audio, reached = _normalized(audio, sample_rate, loudness, PEAK_CEILING)
+        if short := _shortfall(reached, loudness, PEAK_CEILING):
+            warnings.warn(f"{path}: {short}", LoudnessWarning, stacklevel=2)
     if subtype == "PCM_16":
         audio = np.clip(audio, -1.0, 1.0)
     with replacing(path) as tmp:

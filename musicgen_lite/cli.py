@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import soundfile as sf
@@ -13,7 +14,7 @@ from conditioning.chroma import load_melody
 from .api import check_request, generate
 from .checkpoints import load_default_model, load_model
 from .lm import PRECISIONS
-from .audio_io import check_output
+from .audio_io import LoudnessWarning, check_output
 
 
 class UsageError(Exception):
@@ -108,7 +109,12 @@ def generate_main(argv: list[str] | None = None) -> int:
             progress=sys.stderr.isatty(),
         )
         outputs = []
-        for path in result.save(args.out, loudness=loudness, subtype=subtype):
+        with warnings.catch_warnings(record=True) as short:  # a target the limiter could not reach
+            warnings.simplefilter("always", LoudnessWarning)
+            written = result.save(args.out, loudness=loudness, subtype=subtype)
+        for warning in short:
+            print(f"generate.py: warning: {warning.message}", file=sys.stderr)
+        for path in written:
             outputs += [path] if plot is None else [path, _plot(plot, path, args.melody)]
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
