@@ -60,6 +60,7 @@ from transformers.utils import logging as hf_logging
 
 from codebooks.rvq import ResidualVQ
 from musicgen_lite.audio_data import DataError, read_metadata, scan
+from musicgen_lite.run_lock import RunInUse, RunLock
 
 PROG = "train.py codec"
 MEL_FFT_SIZES = (256, 512, 1024, 2048)
@@ -833,17 +834,24 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     run = Path(cfg.out)
+    lock = RunLock(run, PROG)
     try:
         cfg.validate()
         device = resolve_device(cfg.device)
         if run.exists() and not run.is_dir():
             raise UsageError(f"--out {run} exists and is not a directory")
-        checkpoint = load_latest_checkpoint(run, cfg, device)
         data = load_audio_data(Path(cfg.data), cfg.sample_rate, cfg.valid_fraction)
         try:
             run.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UsageError(f"cannot create --out {run}: {e.strerror}") from None
+        try:
+            lock.acquire()  # one trainer per run folder, before reading its checkpoints
+        except RunInUse as e:
+            raise UsageError(str(e)) from None
+        if lock.previous:
+            print(f"taking over the lock of a run that ended without releasing it ({lock.previous})", flush=True)
+        checkpoint = load_latest_checkpoint(run, cfg, device)
         minutes = [sum(len(w) for w in waves) / cfg.sample_rate / 60 for waves in (data.train, data.valid)]
         print(
             f"data: {len(data.train)} train files ({minutes[0]:.1f} min), {len(data.valid)} validation files "
@@ -857,6 +865,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
+    finally:
+        lock.release()
     return 0
 
 
