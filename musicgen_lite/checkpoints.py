@@ -19,6 +19,7 @@ from conditioning.text import T5Conditioner
 
 from .lm import PRECISIONS, LMConfig, TransformerLM
 from .model import FORMAT, MusicGen
+from .quiet import transformers_silenced
 
 HF_MODEL_TYPES = ("musicgen", "musicgen_melody")
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
@@ -29,7 +30,8 @@ def load_model(path_or_id: str | Path, precision: str = "fp32") -> MusicGen:
     `precision` ("fp32", "bf16", "fp16" or "int8") is the LM's, see `TransformerLM.set_precision`."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    model = _load(resolve_model_path(path_or_id))
+    with transformers_silenced():
+        model = _load(resolve_model_path(path_or_id))
     model.lm.set_precision(precision)
     return model
 
@@ -58,7 +60,8 @@ def load_default_model(precision: str = "fp32") -> MusicGen:
             "no default model is bundled with this installation; pass model=PATH "
             "(a musicgen_lite model directory or a Hugging Face MusicGen checkpoint)"
         )
-    model = MusicGen.from_pretrained(DEFAULT_MODEL_DIR)
+    with transformers_silenced():
+        model = MusicGen.from_pretrained(DEFAULT_MODEL_DIR)
     model.lm.set_precision(precision)
     return model
 

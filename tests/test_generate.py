@@ -210,3 +210,10 @@ def test_model_dir_missing_weights(tiny_musicgen_dir, tmp_path):
     (broken / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="not a complete model directory"):
         musicgen_lite.load_model(broken)
+
+
+def test_loading_a_model_keeps_transformers_off_stderr(tiny_melody_dir, capfd):
+    """No "Loading weights" bars or notices meant for transformers' developers reach the user."""
+    capfd.readouterr()
+    musicgen_lite.load_model(tiny_melody_dir)
+    assert capfd.readouterr().err == ""
