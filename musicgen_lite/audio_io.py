@@ -16,12 +16,13 @@ the limiter took, until the target is met or the limiter's bound is reached.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import secrets
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ HOP_SECONDS = 0.1  # 75 % overlap between consecutive 400 ms blocks
 ABSOLUTE_GATE = -70.0  # LUFS
 RELATIVE_GATE = -10.0  # LU below the loudness of the blocks that pass the absolute gate
 OFFSET = -0.691  # cancels the K-weighting's +0.691 dB at 997 Hz, so a sine reads its RMS level
+TOKEN_BYTES = 8  # random bytes in a temporary file name
 PEAK_CEILING = -1.0  # dBTP, the ceiling of every loudness-normalised output
 TOLERANCE_LU = 0.1  # close enough to a loudness target
 MAX_PASSES = 6  # limiting lowers the loudness a little: re-measure and correct the gain at most this often
@@ -148,27 +150,54 @@ def write_audio(
     subtype: str = "PCM_16",
     loudness: float | None = None,
 ) -> Path:
-    """Write [C, N] float audio to `path` (.wav or .flac, chosen by the suffix).
+    """Write [C, N] float audio to `path` (.wav or .flac, chosen by the suffix); see write_audio_files."""
+    return write_audio_files([path], [audio], sample_rate, subtype=subtype, loudness=loudness)[0]
+
+
+def write_audio_files(
+    paths: list[str | Path],
+    audios: list[np.ndarray],
+    sample_rate: int,
+    *,
+    subtype: str = "PCM_16",
+    loudness: float | None = None,
+) -> list[Path]:
+    """Write [C, N] float audio to each path (.wav or .flac, chosen by the suffix), all or nothing.
 
     `subtype` "PCM_16" clips to [-1, 1]; "FLOAT" (WAV only) keeps 32-bit float samples as they are.
     `loudness` (LUFS) normalises first, with a -1 dBTP ceiling (a LoudnessWarning naming the file
-    gives the level reached where the limiter's bound stops short of the target). The file is written beside its
-    destination under a temporary name and renamed, so a failure never leaves a partial file.
+    gives the level reached where the limiter's bound stops short of the target). Every path is
+    checked before anything is written; each file is encoded in memory, written beside its destination
+    under a temporary name, and the names are swapped in only once every file is written. A write that
+    fails (a full disk) raises an OSError naming the file and leaves none of them.
     """
-    path = check_output(path, subtype=subtype, loudness=loudness)
-    audio = _as_channels(audio, mono_ok=False)
+    paths = [check_output(p, subtype=subtype, loudness=loudness) for p in paths]
     _check_rate(sample_rate)
+    encoded = [_encode(p, a, sample_rate, subtype, loudness) for p, a in zip(paths, audios, strict=True)]
+    current = paths[0]
+    try:
+        with ExitStack() as renames:  # on leaving: every temporary file renamed onto its path, or all removed
+            for current, data in zip(paths, encoded):
+                renames.enter_context(replacing(current)).write_bytes(data)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {current}: {e.strerror}") from None
+    return paths
+
+
+def _encode(path: Path, audio: np.ndarray, sample_rate: int, subtype: str, loudness: float | None) -> bytes:
+    """The bytes of the .wav / .flac file for [C, N] audio, normalised to `loudness` LUFS if given."""
+    audio = _as_channels(audio, mono_ok=False)
     if not np.isfinite(audio).all():
         raise ValueError("audio contains NaN or infinite samples")
     if loudness is not None:
         audio, reached = _normalized(audio, sample_rate, loudness, PEAK_CEILING)
         if short := _shortfall(reached, loudness, PEAK_CEILING):
-            warnings.warn(f"{path}: {short}", LoudnessWarning, stacklevel=2)
+            warnings.warn(f"{path}: {short}", LoudnessWarning, stacklevel=3)
     if subtype == "PCM_16":
         audio = np.clip(audio, -1.0, 1.0)
-    with replacing(path) as tmp:
-        sf.write(tmp, np.ascontiguousarray(audio.T), sample_rate, subtype=subtype, format=FORMATS[path.suffix.lower()])
-    return path
+    buffer = io.BytesIO()
+    sf.write(buffer, np.ascontiguousarray(audio.T), sample_rate, subtype=subtype, format=FORMATS[path.suffix.lower()])
+    return buffer.getvalue()
 
 
 @contextmanager
@@ -178,13 +207,18 @@ def replacing(path: Path) -> Iterator[Path]:
 
     The file is created with the permissions a plain open() gives (mkstemp's are owner-only).
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    tmp = path.with_name(temporary_name(path.name, secrets.token_hex(TOKEN_BYTES)))
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def temporary_name(name: str, token: str) -> str:
+    """The hidden name a file is written under before it is renamed to `name`."""
+    return f".{name}.{token}.tmp"
 
 
 def check_output(path: str | Path, *, subtype: str = "PCM_16", loudness: float | None = None) -> Path:
@@ -207,7 +241,21 @@ def check_output(path: str | Path, *, subtype: str = "PCM_16", loudness: float |
         raise ValueError(f"output directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise ValueError(f"output directory {parent} is not writable")
+    longest = len(temporary_name(path.name, "0" * 2 * TOKEN_BYTES).encode())  # the name written first
+    limit = _name_max(parent)
+    if longest > limit:
+        extra = longest - len(path.name.encode())
+        raise ValueError(f"output file name {path.name[:24]}... is too long: {len(path.name.encode())} bytes, "
+                         f"at most {limit - extra} here (the file system allows {limit}, less a temporary suffix)")
     return path
+
+
+def _name_max(directory: Path) -> int:
+    """The longest file name, in bytes, that `directory`'s file system allows."""
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no answer: the common limit
+        return 255
 
 
 def _block_power(weighted: np.ndarray, sample_rate: int) -> np.ndarray:

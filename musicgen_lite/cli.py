@@ -11,9 +11,10 @@ import soundfile as sf
 
 from conditioning.chroma import load_melody
 
-from .api import check_request, generate
+from .api import check_request, generate, output_paths
 from .checkpoints import load_default_model, load_model
 from .lm import PRECISIONS
+from .quiet import silence_transformers
 from .audio_io import LoudnessWarning, check_output
 
 
@@ -29,6 +30,8 @@ class _Parser(argparse.ArgumentParser):
 def _prompts(args) -> list[str]:
     if args.batch_file:
         path = Path(args.batch_file)
+        if path.is_dir():
+            raise UsageError(f"batch file {path} is a folder, not a text file")
         if not path.is_file():
             raise UsageError(f"batch file {path} does not exist")
         lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
@@ -84,17 +87,15 @@ def generate_parser() -> argparse.ArgumentParser:
 
 def generate_main(argv: list[str] | None = None) -> int:
     args = generate_parser().parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # stderr carries our own lines only: a path per output, or one error
-    hf_logging.disable_progress_bar()
+    silence_transformers()  # stderr carries our own lines only: a path per output, or one error
     try:
         prompts = _prompts(args)
         loudness = None if args.no_loudness else args.loudness
         subtype = "FLOAT" if args.float else "PCM_16"
-        check_output(args.out, subtype=subtype, loudness=loudness)
+        texts = check_request(prompts, args.duration, args.top_k, args.top_p, args.temperature, args.cfg, args.melody, args.seed)[0]
+        for path in output_paths(args.out, len(texts)):  # every output is checked before any work
+            check_output(path, subtype=subtype, loudness=loudness)
         plot = _plotter() if args.plot else None
-        check_request(prompts, args.duration, args.top_k, args.top_p, args.temperature, args.cfg, args.melody)
         model = load_model(args.model, args.precision) if args.model else load_default_model(args.precision)
         result = generate(
             prompts,
@@ -116,7 +117,7 @@ def generate_main(argv: list[str] | None = None) -> int:
             print(f"generate.py: warning: {warning.message}", file=sys.stderr)
         for path in written:
             outputs += [path] if plot is None else [path, _plot(plot, path, args.melody)]
-    except (UsageError, ValueError, FileNotFoundError) as e:
+    except (UsageError, OSError, ValueError) as e:  # OSError: also a full disk, FileNotFoundError a missing file
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,8 +1,10 @@
 """Loudness (ITU-R BS.1770-4) against published and hand-derived values; normalisation; atomic writes."""
 
+import errno
 import math
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,13 +197,13 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mon
     path = tmp_path / "keep.wav"
     path.write_bytes(b"old contents")
 
-    def broken_write(file, *args, **kwargs):
+    def broken_write(file, data):  # the disk fills up part way through the file
         with open(file, "wb") as f:
-            f.write(b"partial")
-        raise OSError("disk full")
+            f.write(data[:10])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(sf, "write", broken_write)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(Path, "write_bytes", broken_write)
+    with pytest.raises(OSError, match="cannot write .*keep.wav: No space left on device"):
         write_audio(path, np.zeros((1, 100), dtype=np.float32), 32000)
     assert path.read_bytes() == b"old contents"
     assert [p.name for p in tmp_path.iterdir()] == ["keep.wav"]
