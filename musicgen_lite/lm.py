@@ -12,6 +12,11 @@ slots of a pattern. Conditions reach the decoder in one of two ways:
     "cross"  (MusicGen)        : every layer cross-attends to the projected T5 states
     "prefix" (MusicGen-Melody) : [chroma | text | audio tokens] form one causal sequence
 
+A batch of prefix rows pads its texts to the longest. Transformers places every row's audio after the
+padded prefix; with `LMConditions.prefix_mask` each row is packed instead (its own prefix, then its
+tokens, then the padding) and steps from its own positions, and its attention is computed so that the
+trailing padding changes no bit of it: a row's output is then independent of the rest of the batch.
+
 The layer layout, the sinusoid and the projections follow MusicGen exactly (same maths as
 transformers' `MusicgenForCausalLM`), so real checkpoints load by renaming tensors; q/k/v and the
 K heads are stored fused so that one decoding step is a few large matrix products.
@@ -404,7 +409,8 @@ class TransformerLM(nn.Module):
 
     def step(self, tokens: Tensor, cache: KVCache, conditions: LMConditions | None = None) -> Tensor:
         """Feed new steps [N, K, T] (T >= 1) through the cache; returns the logits of the last step,
-        [N, K, card]. The prefix (prefix models) is prepended on the first call, when the cache is empty."""
+        [N, K, card]. The prefix (prefix models) is prepended on the first call, when the cache is empty;
+        with a prefix mask the rows are packed there and each row then continues from its own position."""
         x = self.embed_tokens(tokens)
         if cache.length == 0 and conditions is not None and conditions.prefix is not None:
             if conditions.prefix_mask is None:

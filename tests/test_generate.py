@@ -78,6 +78,20 @@ def test_a_melody_gives_the_same_output_at_any_batch_position(tiny_default_like_
     np.testing.assert_array_equal(single.tokens[0], batch.tokens[1])
 
 
+def test_continuations_and_sliding_windows_keep_batch_positions(tiny_default_like_dir):
+    """A prompt fed with the prefix (continuation), and later windows of a long output, on a prefix model."""
+    model = musicgen_lite.load_model(tiny_default_like_dir)
+    texts = ["orchestral film score with soaring strings", "a minuet"]
+    intro = (0.1 * np.random.default_rng(0).standard_normal(int(0.3 * 32000))).astype(np.float32)
+    single = musicgen_lite.generate_continuation(intro, 32000, text="a minuet", duration=0.8, model=model, seed=2)
+    batch = musicgen_lite.generate_continuation(np.stack([intro, intro])[:, None], 32000, text=texts, duration=0.8, model=model, seed=2)
+    np.testing.assert_array_equal(single.tokens[0], batch.tokens[1])
+    model.max_duration, model.extend_stride = 0.4, 0.2
+    single = musicgen_lite.generate("a minuet", duration=1.0, model=model, seed=2)
+    batch = musicgen_lite.generate(texts, duration=1.0, model=model, seed=2)
+    np.testing.assert_array_equal(single.tokens[0], batch.tokens[1])
+
+
 def test_transformers_melody_checkpoints_keep_transformers_batching(melody_model, tiny_default_like_dir):
     """Token-exactness with transformers needs its padded prefix; the project's own models do not pad."""
     assert melody_model.padded_prefix
