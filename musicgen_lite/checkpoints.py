@@ -128,7 +128,7 @@ def from_transformers(path: str | Path) -> MusicGen:
         if audio_proj is not None:
             chroma.proj.load_state_dict(audio_proj.state_dict())
     codec = EncodecCodec(hf.audio_encoder, num_codebooks=cfg.num_codebooks)
-    return MusicGen(lm, codec, text, chroma, padded_prefix=True).eval()  # token-exact batching with transformers
+    return MusicGen(lm, codec, text, chroma, batch_like_transformers=True).eval()  # token-exact batching with transformers
 
 
 def convert_decoder_state(hf: dict[str, Tensor], cfg: LMConfig) -> dict[str, Tensor]:

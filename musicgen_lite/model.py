@@ -4,10 +4,11 @@
                                           +--> TransformerLM --(pattern, sampling)--> codes --codec--> audio
     melody --ChromaConditioner--> [B, C, D] (prefix models only)
 
-Prefix models give each row its own positions (`LMConditions.prefix_mask`), so that a prompt's output
-does not depend on the other prompts of its batch; `padded_prefix` (set for transformers' MusicGen-Melody
-checkpoints) keeps transformers' layout instead, a prefix padded to the batch's longest text, which is
-what token-exactness with transformers needs.
+Each row of a batch is computed so that a prompt's output does not depend on the other prompts
+(`LMConditions.independent_rows`: texts encoded one by one, prefix rows at their own positions);
+`batch_like_transformers` (set for transformers' checkpoints) batches as transformers does instead,
+texts encoded together and, for MusicGen-Melody, the prefix padded to the batch's longest text, which
+is what token-exactness with transformers needs.
 
 Generation longer than `max_duration` slides a window over the output, as audiocraft does: each new
 window is prompted with the last `max_duration - extend_stride` seconds of codes and, for melody
@@ -49,7 +50,7 @@ class MusicGen(nn.Module):
         chroma: ChromaConditioner | None = None,
         max_duration: float = 30.0,
         extend_stride: float = 18.0,
-        padded_prefix: bool = False,
+        batch_like_transformers: bool = False,
     ):
         super().__init__()
         if codec.num_codebooks != lm.cfg.num_codebooks or codec.cardinality != lm.cfg.card:
@@ -63,7 +64,7 @@ class MusicGen(nn.Module):
             raise ValueError("extend_stride must be in (0, max_duration)")
         self.lm, self.codec, self.text, self.chroma = lm, codec, text, chroma
         self.max_duration, self.extend_stride = float(max_duration), float(extend_stride)
-        self.padded_prefix = padded_prefix  # transformers' batching for prefix models, see the module docstring
+        self.batch_like_transformers = batch_like_transformers  # see the module docstring
         self.pattern: CodebookPattern = make_pattern(lm.cfg.pattern, lm.cfg.num_codebooks)
 
     @property
@@ -88,20 +89,20 @@ class MusicGen(nn.Module):
             null_emb, null_mask = null_text(emb, mask)
             emb, mask, tokens = torch.cat([emb, null_emb]), torch.cat([mask, null_mask]), torch.cat([mask, mask])
         if self.lm.cfg.conditioning == "cross":
-            return LMConditions(cross=emb, cross_mask=mask)
+            return LMConditions(cross=emb, cross_mask=mask, independent_rows=not self.batch_like_transformers)
         chroma = None
         if self.chroma is not None:
             feats = melody if melody is not None else self.chroma.null_features(len(texts))
             if guided:
                 feats = torch.cat([feats, null_chroma_features(feats)])
             chroma = self.chroma(feats)  # [N, chroma_length, D]
-        return prefix_conditions(emb, None if self.padded_prefix else tokens, chroma)
+        return prefix_conditions(emb, None if self.batch_like_transformers else tokens, chroma)
 
     def encode_texts(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         """Texts (B) -> T5 states [B, L, D] and mask [B, L], padded to the longest text. Each text is
-        encoded on its own (a padded batch can round differently row by row), except with `padded_prefix`,
+        encoded on its own (a padded batch can round differently row by row), except with `batch_like_transformers`,
         where the batch is encoded together as transformers does."""
-        if self.padded_prefix:
+        if self.batch_like_transformers:
             return self.text(texts)
         rows = [self.text([t]) for t in texts]  # ([1, L_i, D], [1, L_i]) each
         length = max(mask.shape[1] for _, mask in rows)
@@ -117,7 +118,7 @@ class MusicGen(nn.Module):
         given = [w for w in wavs if w is not None]
         if not given:
             return None
-        if self.padded_prefix:  # transformers pads every melody to the longest one
+        if self.batch_like_transformers:  # transformers pads every melody to the longest one
             feats = iter(self.chroma.features(given))  # [B', T, 12]
         else:  # each melody on its own, looped to the conditioner's length: rows do not see each other
             feats = iter(torch.cat([self._looped(self.chroma.features([w])) for w in given]))
@@ -182,7 +183,7 @@ class MusicGen(nn.Module):
             "lm": self.lm.cfg.to_dict(),
             "max_duration": self.max_duration,
             "extend_stride": self.extend_stride,
-            "padded_prefix": self.padded_prefix,
+            "batch_like_transformers": self.batch_like_transformers,
             "chroma": None if self.chroma is None else self._chroma_config(),
         }
 
@@ -236,7 +237,7 @@ class MusicGen(nn.Module):
             chroma = ChromaConditioner(dim=lm.cfg.dim, **cfg["chroma"])
             chroma.load_state_dict(_strip(tensors, "chroma."))
         codec = EncodecCodec.from_pretrained(path / "codec", num_codebooks=lm.cfg.num_codebooks)
-        model = cls(lm, codec, text, chroma, cfg["max_duration"], cfg["extend_stride"], cfg.get("padded_prefix", False))
+        model = cls(lm, codec, text, chroma, cfg["max_duration"], cfg["extend_stride"], cfg.get("batch_like_transformers", False))
         return model.eval()
 
 
@@ -244,10 +245,11 @@ def prefix_conditions(text: Tensor, text_tokens: Tensor | None, chroma: Tensor |
     """The prefix of a prefix model, [chroma | text]: text states [N, L, D], chroma states [N, C, D] or
     None. `text_tokens` [N, L] (1 = a token of the row's text) gives each row its own positions; None
     keeps the padded layout of transformers' MusicGen-Melody."""
+    independent = text_tokens is not None
     if chroma is None:
-        return LMConditions(prefix=text, prefix_mask=text_tokens)
-    mask = None if text_tokens is None else torch.cat([text_tokens.new_ones(chroma.shape[:2]), text_tokens], dim=1)
-    return LMConditions(prefix=torch.cat([chroma, text], dim=1), prefix_mask=mask)
+        return LMConditions(prefix=text, prefix_mask=text_tokens, independent_rows=independent)
+    mask = torch.cat([text_tokens.new_ones(chroma.shape[:2]), text_tokens], dim=1) if independent else None
+    return LMConditions(prefix=torch.cat([chroma, text], dim=1), prefix_mask=mask, independent_rows=independent)
 
 
 def _strip(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

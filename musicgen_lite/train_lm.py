@@ -354,7 +354,7 @@ def build_base(cfg: Config, files: list[AudioFile], path: Path) -> None:
             raise UsageError(str(e)) from None
         if cfg.melody and not model.has_melody:
             raise UsageError(f"--melody needs a melody model, and {cfg.model} has no melody conditioning")
-        model.padded_prefix = False  # trained here: each row at its own positions, as generation then places it
+        model.batch_like_transformers = False  # trained here: each row at its own positions, as generation then places it
         model.save_pretrained(path)
         return
     try:
@@ -410,7 +410,7 @@ class TeacherForcing(nn.Module):
         super().__init__()
         self.lm, self.text, self.chroma = model.lm, model.text, model.chroma
         self.pattern = model.pattern
-        self.padded_prefix = model.padded_prefix
+        self.batch_like_transformers = model.batch_like_transformers
 
     def forward(self, codes: Tensor, valid: Tensor, texts: list[str], captioned: Tensor, chroma: Tensor | None,
                 cfg_dropout: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
@@ -425,7 +425,7 @@ class TeacherForcing(nn.Module):
         if cfg.conditioning == "cross":
             cond = LMConditions(cross=emb, cross_mask=mask)
         else:  # same layout as MusicGen.conditions: [chroma | text], each row at its own positions
-            cond = prefix_conditions(emb, None if self.padded_prefix else tokens, None if feats is None else self.chroma(feats))
+            cond = prefix_conditions(emb, None if self.batch_like_transformers else tokens, None if feats is None else self.chroma(feats))
         seq = self.pattern.build(codes, cfg.special_token)  # [B, K, S]
         real = self.pattern.build(valid[:, None].expand(-1, cfg.num_codebooks, -1).long(), 0).bool()  # [B, K, S]
         logits = self.lm(seq[:, :, :-1], cond)  # [B, K, S-1, card]: step s predicts step s + 1

@@ -428,10 +428,12 @@ def hf_greedy_margin(
     return float(torch.cat([g.reshape(-1) for g in kept]).min())
 
 
-def build_tiny_default_like(out_dir: str | Path, *, seed: int = 0, hidden_size: int = 32, chroma_length: int = 20) -> Path:
+def build_tiny_default_like(out_dir: str | Path, *, seed: int = 0, hidden_size: int = 32, chroma_length: int = 20,
+                            melody: bool = True) -> Path:
     """Write a random tiny model built the way the bundled default model is (train.py lm --melody from
     scratch): the project's own format, a prefix-conditioned LM, a chroma conditioner, a T5 encoder and
-    sentencepiece tokenizer made from the captions, and an EnCodec codec. Returns `out_dir`."""
+    sentencepiece tokenizer made from the captions, and an EnCodec codec. Returns `out_dir`.
+    `melody=False`: as train.py lm builds it without --melody, a cross-attention LM and no chroma."""
     import tempfile
 
     from codebooks.codec import EncodecCodec
@@ -444,13 +446,13 @@ def build_tiny_default_like(out_dir: str | Path, *, seed: int = 0, hidden_size: 
         torch.manual_seed(seed)
         codec = EncodecCodec.from_config(_tiny_encodec_config(4, 32))
         lm = TransformerLM(LMConfig(num_codebooks=4, card=codec.cardinality, dim=hidden_size, num_heads=4,
-                                    num_layers=2, ffn_dim=64, conditioning="prefix"))
+                                    num_layers=2, ffn_dim=64, conditioning="prefix" if melody else "cross"))
         text = T5Conditioner.from_captions(list(CAPTIONS), hidden_size, tokenizer_dir, vocab_size=128, d_model=24,
                                            num_layers=2, num_heads=4, d_kv=6, d_ff=48, seed=seed)
-        chroma = ChromaConditioner(hidden_size, chroma_length=chroma_length)
+        chroma = ChromaConditioner(hidden_size, chroma_length=chroma_length) if melody else None
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():  # large weights, as in build_tiny_musicgen, so that the text reaches the tokens
-            for part in (lm, text.proj, chroma.proj):
+            for part in (lm, text.proj) + ((chroma.proj,) if melody else ()):
                 for p in part.parameters():
                     if p.ndim == 2:  # embeddings and linear maps; norms keep their gains of 1
                         p.copy_(torch.randn(p.shape, generator=generator) * DECODER_INIT_STD)
