@@ -135,19 +135,18 @@ def check_request(text, duration, top_k, top_p, temperature, cfg_coef, melody=No
     """(texts, duration, SamplingParams, melodies or None) for a generation request, or a one-line
     ValueError / FileNotFoundError; nothing is loaded, so callers can check before loading a model."""
     texts, duration, params = _checked(text, duration, top_k, top_p, temperature, cfg_coef)
-    if melody is None:
-        _seeds(seed, len(texts))
-        return texts, duration, params, None
-    items = list(melody) if isinstance(melody, (list, tuple)) else [melody]
-    if not items:
-        raise ValueError("melody list is empty")
-    texts, items = _broadcast(texts, items, "melodies")
+    items = None
+    if melody is not None:
+        items = list(melody) if isinstance(melody, (list, tuple)) else [melody]
+        if not items:
+            raise ValueError("melody list is empty")
+        texts, items = _broadcast(texts, items, "melodies")
+        for m in items:
+            if isinstance(m, (str, Path)) and Path(m).is_dir():
+                raise ValueError(f"melody {m} is a folder, not an audio file")
+            if isinstance(m, (str, Path)) and not Path(m).is_file():
+                raise FileNotFoundError(f"melody file {m} does not exist")
     _seeds(seed, len(texts))
-    for m in items:
-        if isinstance(m, (str, Path)) and Path(m).is_dir():
-            raise ValueError(f"melody {m} is a folder, not an audio file")
-        if isinstance(m, (str, Path)) and not Path(m).is_file():
-            raise FileNotFoundError(f"melody file {m} does not exist")
     return texts, duration, params, items
 
 
