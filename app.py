@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # gradio reads it at import time
@@ -21,7 +22,7 @@ import gradio as gr  # noqa: E402
 
 from conditioning.chroma import load_melody  # noqa: E402
 from musicgen_lite.api import MAX_DURATION, generate  # noqa: E402
-from musicgen_lite.audio_io import normalize_loudness, write_audio  # noqa: E402
+from musicgen_lite.audio_io import LoudnessWarning, normalize_loudness, write_audio  # noqa: E402
 from musicgen_lite.plots import plot_generation  # noqa: E402
 
 LOUDNESS = -14.0  # LUFS, as generate.py writes by default
@@ -55,7 +56,11 @@ class Generator:
                 cfg_coef=float(cfg_coef),
                 seed=None if seed is None or seed < 0 else int(seed),
             )
-            audio = normalize_loudness(result.audio[0], result.sample_rate, target=LOUDNESS)
+            with warnings.catch_warnings(record=True) as short:  # a level the limiter could not reach
+                warnings.simplefilter("always", LoudnessWarning)
+                audio = normalize_loudness(result.audio[0], result.sample_rate, target=LOUDNESS)
+            for warning in short:
+                gr.Warning(str(warning.message))
             self._count += 1
             stem = Path(self._dir.name) / f"generation_{self._count}"
             audio_path = write_audio(stem.with_suffix(".wav"), audio, result.sample_rate)

@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{USAGE}\ntrain.py: error: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     module_name = COMMANDS[argv[0]][0]
+    from musicgen_lite.quiet import silence_transformers
+
+    silence_transformers()  # stderr carries the trainer's own lines, not transformers' loading bars
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:

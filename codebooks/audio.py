@@ -32,6 +32,7 @@ from torch import Tensor
 
 # What reading a damaged or unsupported file may raise.
 READ_ERRORS = (sf.SoundFileError, RuntimeError, ValueError, OSError, EOFError)
+TOKEN_BYTES = 8  # random bytes in a temporary file name
 
 
 def read_audio(path: str | Path, start: int = 0, frames: int = -1, dtype: str = "float32") -> tuple[np.ndarray, int]:
@@ -101,13 +102,18 @@ def replacing(path: Path) -> Iterator[Path]:
     The file is created with the permissions a plain open() gives (mkstemp's are owner-only).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    tmp = path.with_name(temporary_name(path.name, secrets.token_hex(TOKEN_BYTES)))
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def temporary_name(name: str, token: str) -> str:
+    """The hidden name a file is written under before it is renamed to `name`."""
+    return f".{name}.{token}.tmp"
 
 
 def save_torch(obj: Any, path: Path) -> None:

@@ -15,12 +15,13 @@ import torch
 
 from conditioning.chroma import load_melody
 
-from .audio_io import check_output, write_audio
+from .audio_io import write_audio_files
 from .checkpoints import load_default_model, load_model
 from .model import MusicGen
 from .sampling import SamplingParams
 
 MAX_DURATION = 600.0  # seconds; beyond this a request is almost certainly a mistake
+MAX_SEED = 2**64 - 1  # torch's generators take 64-bit seeds
 
 
 @dataclass
@@ -36,11 +37,13 @@ class GenerationResult:
         `loudness` (LUFS, e.g. -14) normalises each file with a -1 dBTP peak ceiling; the default
         keeps the model's own level. `subtype` "FLOAT" writes 32-bit float WAV.
         """
-        path = Path(path)
-        paths = [path] if len(self.audio) == 1 else [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(len(self.audio))]
-        # everything is checked on the first file before anything is written
-        check_output(paths[0], subtype=subtype, loudness=loudness)
-        return [write_audio(p, audio, self.sample_rate, subtype=subtype, loudness=loudness) for p, audio in zip(paths, self.audio)]
+        return write_audio_files(output_paths(path, len(self.audio)), list(self.audio), self.sample_rate, subtype=subtype, loudness=loudness)
+
+
+def output_paths(path: str | Path, count: int) -> list[Path]:
+    """Where `count` outputs go: `path` for one, `stem_0.wav`, `stem_1.wav`, ... beside it for more."""
+    path = Path(path)
+    return [path] if count == 1 else [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(count)]
 
 
 @lru_cache(maxsize=2)
@@ -97,9 +100,9 @@ def _broadcast(texts: list[str], items: list, what: str) -> tuple[list[str], lis
     raise ValueError(f"got {len(texts)} texts and {len(items)} {what}; give one, or one per text")
 
 
-def _generators(seed, batch: int) -> list[torch.Generator]:
-    """One generator per row. An integer seeds every row alike, so a prompt gives the same output
-    wherever it sits in a batch; a list gives each row its own seed; None draws a fresh seed per row."""
+def _seeds(seed, batch: int) -> list[int]:
+    """One seed per row. An integer seeds every row alike, so a prompt gives the same output wherever
+    it sits in a batch; a list gives each row its own seed; None draws a fresh seed per row."""
     seeds = [secrets.randbits(62) for _ in range(batch)] if seed is None else seed
     if not isinstance(seeds, (list, tuple)):
         seeds = [seeds] * batch
@@ -108,7 +111,13 @@ def _generators(seed, batch: int) -> list[torch.Generator]:
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
             raise ValueError(f"seed must be an integer or a list of integers, got {s!r}")
-    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+        if not 0 <= s <= MAX_SEED:
+            raise ValueError(f"seed must be an integer from 0 to 2**64 - 1 = {MAX_SEED}, got {s}")
+    return [int(s) for s in seeds]
+
+
+def _generators(seed, batch: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in _seeds(seed, batch)]
 
 
 def _result(model: MusicGen, tokens: torch.Tensor, texts: list[str]) -> GenerationResult:
@@ -122,19 +131,22 @@ def _result(model: MusicGen, tokens: torch.Tensor, texts: list[str]) -> Generati
     )
 
 
-def check_request(text, duration, top_k, top_p, temperature, cfg_coef, melody=None):
+def check_request(text, duration, top_k, top_p, temperature, cfg_coef, melody=None, seed=None):
     """(texts, duration, SamplingParams, melodies or None) for a generation request, or a one-line
     ValueError / FileNotFoundError; nothing is loaded, so callers can check before loading a model."""
     texts, duration, params = _checked(text, duration, top_k, top_p, temperature, cfg_coef)
-    if melody is None:
-        return texts, duration, params, None
-    items = list(melody) if isinstance(melody, (list, tuple)) else [melody]
-    if not items:
-        raise ValueError("melody list is empty")
-    texts, items = _broadcast(texts, items, "melodies")
-    for m in items:
-        if isinstance(m, (str, Path)) and not Path(m).is_file():
-            raise FileNotFoundError(f"melody file {m} does not exist")
+    items = None
+    if melody is not None:
+        items = list(melody) if isinstance(melody, (list, tuple)) else [melody]
+        if not items:
+            raise ValueError("melody list is empty")
+        texts, items = _broadcast(texts, items, "melodies")
+        for m in items:
+            if isinstance(m, (str, Path)) and Path(m).is_dir():
+                raise ValueError(f"melody {m} is a folder, not an audio file")
+            if isinstance(m, (str, Path)) and not Path(m).is_file():
+                raise FileNotFoundError(f"melody file {m} does not exist")
+    _seeds(seed, len(texts))
     return texts, duration, params, items
 
 
@@ -156,7 +168,7 @@ def generate(
 
     frames = round(duration * frame_rate); the audio has frames * hop samples. top_k=1 is greedy.
     """
-    texts, duration, params, melodies = check_request(text, duration, top_k, top_p, temperature, cfg_coef, melody)
+    texts, duration, params, melodies = check_request(text, duration, top_k, top_p, temperature, cfg_coef, melody, seed)
     generators = _generators(seed, len(texts))
     musicgen = get_model(model)
     wavs = None

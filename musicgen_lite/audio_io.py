@@ -9,23 +9,28 @@ Loudness follows ITU-R BS.1770-4 (the measure behind the LUFS targets of streami
 
 Channels are weighted 1.0, the standard's weight for left, right and centre: the models here make
 mono or stereo. Normalising to a target raises quiet generations and tames loud ones so that outputs
-sit at a common level; a true-peak ceiling (-1 dBTP by default) then scales the result down where
-the gain would push peaks into clipping, as audiocraft's `audio_write` limits peaks after its
-loudness step.
+sit at a common level; where the gain would push true peaks over a ceiling (-1 dBTP by default), a
+look-ahead limiter (limiter.py) turns those moments down, and the gain is corrected for the loudness
+the limiter took, until the target is met or the limiter's bound is reached.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import warnings
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 from numpy.lib.stride_tricks import sliding_window_view
-from scipy.signal import lfilter, resample_poly
+from scipy.signal import lfilter
 
-from codebooks.audio import replacing
+from codebooks.audio import TOKEN_BYTES, replacing, temporary_name
+
+from .limiter import MAX_REDUCTION_DB, limit, peak_envelope
 
 FORMATS = {".wav": "WAV", ".flac": "FLAC"}
 SUBTYPES = ("PCM_16", "FLOAT")
@@ -34,7 +39,9 @@ HOP_SECONDS = 0.1  # 75 % overlap between consecutive 400 ms blocks
 ABSOLUTE_GATE = -70.0  # LUFS
 RELATIVE_GATE = -10.0  # LU below the loudness of the blocks that pass the absolute gate
 OFFSET = -0.691  # cancels the K-weighting's +0.691 dB at 997 Hz, so a sine reads its RMS level
-OVERSAMPLING = 4  # BS.1770-4 Annex 2: the peak of a 4x oversampled signal estimates the true peak
+PEAK_CEILING = -1.0  # dBTP, the ceiling of every loudness-normalised output
+TOLERANCE_LU = 0.1  # close enough to a loudness target
+MAX_PASSES = 6  # limiting lowers the loudness a little: re-measure and correct the gain at most this often
 
 # Analog prototypes of the K-weighting filters: centre frequency (Hz), Q and, for the shelf, its
 # high-frequency gain (dB) and the exponent that sets its band term. Bilinear-transformed with
@@ -86,26 +93,52 @@ def true_peak(audio: np.ndarray) -> float:
     A sine can peak between samples: at a quarter of the sample rate its samples may sit at 0.707 of
     the true peak. Oversampling by a fixed factor makes the estimate independent of the rate.
     """
-    audio = _as_channels(audio).astype(np.float64)
-    upsampled = resample_poly(audio, OVERSAMPLING, 1, axis=-1)
-    return float(max(np.abs(audio).max(), np.abs(upsampled).max()))
+    return float(peak_envelope(_as_channels(audio).astype(np.float64)).max())
 
 
-def normalize_loudness(audio: np.ndarray, sample_rate: int, target: float = -14.0, peak: float = -1.0) -> np.ndarray:
-    """[C, N] audio scaled to `target` LUFS, then scaled down further if its true peak would exceed
-    `peak` dBTP (so the result can read below the target). Silence is returned unchanged."""
+class LoudnessWarning(UserWarning):
+    """A loudness target was not reached: the peak limiter's bound stopped the gain."""
+
+
+def normalize_loudness(audio: np.ndarray, sample_rate: int, target: float = -14.0, peak: float = PEAK_CEILING) -> np.ndarray:
+    """[C, N] audio scaled to `target` LUFS with true peaks at most `peak` dBTP: a look-ahead limiter
+    (limiter.py) turns the peaks down, and the gain is raised by the loudness the limiter took until
+    the target is met. Where that would need more than MAX_REDUCTION_DB of limiting, the limiter stops
+    at its bound, the result reads below the target and a LoudnessWarning gives the level reached.
+    Silence is returned unchanged."""
+    out, reached = _normalized(audio, sample_rate, target, peak)
+    if short := _shortfall(reached, target, peak):
+        warnings.warn(short, LoudnessWarning, stacklevel=2)
+    return out
+
+
+def _normalized(audio: np.ndarray, sample_rate: int, target: float, peak: float) -> tuple[np.ndarray, float]:
+    """normalize_loudness's audio, and the loudness it reached (-inf for silence)."""
     _check_db("target", target)
     _check_db("peak", peak)
     audio = _as_channels(audio).astype(np.float32)
     measured = loudness(audio, sample_rate)
     if measured == -math.inf:
-        return audio.copy()
-    out = audio * np.float32(10.0 ** ((target - measured) / 20.0))
-    ceiling = 10.0 ** (peak / 20.0)
-    highest = true_peak(out)
-    if highest > ceiling:
-        out *= np.float32(ceiling / highest)
-    return out
+        return audio.copy(), measured
+    gain_db, best, best_level = target - measured, None, -math.inf
+    for _ in range(MAX_PASSES):
+        out = limit(audio.astype(np.float64) * 10.0 ** (gain_db / 20.0), sample_rate, peak)
+        level = loudness(out, sample_rate)
+        improved = best is None or abs(level - target) < abs(best_level - target)
+        if improved:
+            best, best_level = out, level
+        if abs(level - target) <= TOLERANCE_LU or not improved:
+            break  # met, or more gain only presses harder against the limiter's bound
+        gain_db += target - level
+    return best.astype(np.float32), best_level
+
+
+def _shortfall(reached: float, target: float, peak: float) -> str | None:
+    """What to say when the limiter's bound left a (not silent) output short of its target."""
+    if not math.isfinite(reached) or reached >= target - TOLERANCE_LU:
+        return None
+    return (f"reached {reached:.1f} LUFS, not {target:g}: the peaks would need more than "
+            f"{MAX_REDUCTION_DB:g} dB of limiting to stay under {peak:g} dBTP")
 
 
 def write_audio(
@@ -116,24 +149,54 @@ def write_audio(
     subtype: str = "PCM_16",
     loudness: float | None = None,
 ) -> Path:
-    """Write [C, N] float audio to `path` (.wav or .flac, chosen by the suffix).
+    """Write [C, N] float audio to `path` (.wav or .flac, chosen by the suffix); see write_audio_files."""
+    return write_audio_files([path], [audio], sample_rate, subtype=subtype, loudness=loudness)[0]
+
+
+def write_audio_files(
+    paths: list[str | Path],
+    audios: list[np.ndarray],
+    sample_rate: int,
+    *,
+    subtype: str = "PCM_16",
+    loudness: float | None = None,
+) -> list[Path]:
+    """Write [C, N] float audio to each path (.wav or .flac, chosen by the suffix), all or nothing.
 
     `subtype` "PCM_16" clips to [-1, 1]; "FLOAT" (WAV only) keeps 32-bit float samples as they are.
-    `loudness` (LUFS) normalises first, with a -1 dBTP ceiling. The file is written beside its
-    destination under a temporary name and renamed, so a failure never leaves a partial file.
+    `loudness` (LUFS) normalises first, with a -1 dBTP ceiling (a LoudnessWarning naming the file
+    gives the level reached where the limiter's bound stops short of the target). Every path is
+    checked before anything is written; each file is encoded in memory, written beside its destination
+    under a temporary name, and the names are swapped in only once every file is written. A write that
+    fails (a full disk) raises an OSError naming the file and leaves none of them.
     """
-    path = check_output(path, subtype=subtype, loudness=loudness)
-    audio = _as_channels(audio, mono_ok=False)
+    paths = [check_output(p, subtype=subtype, loudness=loudness) for p in paths]
     _check_rate(sample_rate)
+    encoded = [_encode(p, a, sample_rate, subtype, loudness) for p, a in zip(paths, audios, strict=True)]
+    current = paths[0]
+    try:
+        with ExitStack() as renames:  # on leaving: every temporary file renamed onto its path, or all removed
+            for current, data in zip(paths, encoded):
+                renames.enter_context(replacing(current)).write_bytes(data)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {current}: {e.strerror}") from None
+    return paths
+
+
+def _encode(path: Path, audio: np.ndarray, sample_rate: int, subtype: str, loudness: float | None) -> bytes:
+    """The bytes of the .wav / .flac file for [C, N] audio, normalised to `loudness` LUFS if given."""
+    audio = _as_channels(audio, mono_ok=False)
     if not np.isfinite(audio).all():
         raise ValueError("audio contains NaN or infinite samples")
     if loudness is not None:
-        audio = normalize_loudness(audio, sample_rate, target=loudness)
+        audio, reached = _normalized(audio, sample_rate, loudness, PEAK_CEILING)
+        if short := _shortfall(reached, loudness, PEAK_CEILING):
+            warnings.warn(f"{path}: {short}", LoudnessWarning, stacklevel=3)
     if subtype == "PCM_16":
         audio = np.clip(audio, -1.0, 1.0)
-    with replacing(path) as tmp:
-        sf.write(tmp, np.ascontiguousarray(audio.T), sample_rate, subtype=subtype, format=FORMATS[path.suffix.lower()])
-    return path
+    buffer = io.BytesIO()
+    sf.write(buffer, np.ascontiguousarray(audio.T), sample_rate, subtype=subtype, format=FORMATS[path.suffix.lower()])
+    return buffer.getvalue()
 
 
 def check_output(path: str | Path, *, subtype: str = "PCM_16", loudness: float | None = None) -> Path:
@@ -156,7 +219,21 @@ def check_output(path: str | Path, *, subtype: str = "PCM_16", loudness: float |
         raise ValueError(f"output directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise ValueError(f"output directory {parent} is not writable")
+    longest = len(temporary_name(path.name, "0" * 2 * TOKEN_BYTES).encode())  # the name written first
+    limit = _name_max(parent)
+    if longest > limit:
+        extra = longest - len(path.name.encode())
+        raise ValueError(f"output file name {path.name[:24]}... is too long: {len(path.name.encode())} bytes, "
+                         f"at most {limit - extra} here (the file system allows {limit}, less a temporary suffix)")
     return path
+
+
+def _name_max(directory: Path) -> int:
+    """The longest file name, in bytes, that `directory`'s file system allows."""
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no answer: the common limit
+        return 255
 
 
 def _block_power(weighted: np.ndarray, sample_rate: int) -> np.ndarray:

@@ -20,6 +20,7 @@ from conditioning.text import T5Conditioner
 
 from .lm import PRECISIONS, LMConfig, TransformerLM
 from .model import FORMAT, MusicGen
+from .quiet import transformers_silenced
 
 HF_MODEL_TYPES = ("musicgen", "musicgen_melody")
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
@@ -30,7 +31,8 @@ def load_model(path_or_id: str | Path, precision: str = "fp32") -> MusicGen:
     `precision` ("fp32", "bf16", "fp16" or "int8") is the LM's, see `TransformerLM.set_precision`."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    model = _load(resolve_model_path(path_or_id))
+    with transformers_silenced():
+        model = _load(resolve_model_path(path_or_id))
     model.lm.set_precision(precision)
     return model
 
@@ -59,7 +61,8 @@ def load_default_model(precision: str = "fp32") -> MusicGen:
             "no default model is bundled with this installation; pass model=PATH "
             "(a musicgen_lite model directory or a Hugging Face MusicGen checkpoint)"
         )
-    model = MusicGen.from_pretrained(DEFAULT_MODEL_DIR)
+    with transformers_silenced():
+        model = MusicGen.from_pretrained(DEFAULT_MODEL_DIR)
     model.lm.set_precision(precision)
     return model
 
@@ -126,7 +129,7 @@ def from_transformers(path: str | Path) -> MusicGen:
         if audio_proj is not None:
             chroma.proj.load_state_dict(audio_proj.state_dict())
     codec = EncodecCodec(hf.audio_encoder, num_codebooks=cfg.num_codebooks)
-    return MusicGen(lm, codec, text, chroma).eval()
+    return MusicGen(lm, codec, text, chroma, batch_like_transformers=True).eval()  # token-exact batching with transformers
 
 
 def convert_decoder_state(hf: dict[str, Tensor], cfg: LMConfig) -> dict[str, Tensor]:

@@ -7,21 +7,25 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from codebooks.audio import read_audio
 from conditioning.chroma import load_melody
 
-from .api import check_request, generate
+from .api import check_request, generate, output_paths
 from .checkpoints import load_default_model, load_model
 from .lm import PRECISIONS
-from .audio_io import check_output
+from .audio_io import LoudnessWarning, check_output
 from .cli_errors import ArgumentParser, UsageError, run_command
+from .quiet import silence_transformers
 
 
 def _prompts(args) -> list[str]:
     if args.batch_file:
         path = Path(args.batch_file)
+        if path.is_dir():
+            raise UsageError(f"batch file {path} is a folder, not a text file")
         if not path.is_file():
             raise UsageError(f"batch file {path} does not exist")
         lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
@@ -78,17 +82,16 @@ def generate_parser() -> argparse.ArgumentParser:
 
 def generate_main(argv: list[str] | None = None) -> int:
     args = generate_parser().parse_args(argv)
-    from transformers.utils import logging as hf_logging
+    silence_transformers()  # stderr carries our own lines only: a path per output, or one error
 
-    hf_logging.set_verbosity_error()  # stderr carries our own lines only: a path per output, or one error
-    hf_logging.disable_progress_bar()
     def body() -> int:
         prompts = _prompts(args)
         loudness = None if args.no_loudness else args.loudness
         subtype = "FLOAT" if args.float else "PCM_16"
-        check_output(args.out, subtype=subtype, loudness=loudness)
+        texts = check_request(prompts, args.duration, args.top_k, args.top_p, args.temperature, args.cfg_coef, args.melody, args.seed)[0]
+        for path in output_paths(args.out, len(texts)):  # every output is checked before any work
+            check_output(path, subtype=subtype, loudness=loudness)
         plot = _plotter() if args.plot else None
-        check_request(prompts, args.duration, args.top_k, args.top_p, args.temperature, args.cfg_coef, args.melody)
         model = load_model(args.model, args.precision) if args.model else load_default_model(args.precision)
         result = generate(
             prompts,
@@ -103,10 +106,16 @@ def generate_main(argv: list[str] | None = None) -> int:
             progress=sys.stderr.isatty(),
         )
         outputs = []
-        for path in result.save(args.out, loudness=loudness, subtype=subtype):
+        with warnings.catch_warnings(record=True) as short:  # a target the limiter could not reach
+            warnings.simplefilter("always", LoudnessWarning)
+            written = result.save(args.out, loudness=loudness, subtype=subtype)
+        for warning in short:
+            print(f"generate.py: warning: {warning.message}", file=sys.stderr)
+        for path in written:
             outputs += [path] if plot is None else [path, _plot(plot, path, args.melody)]
         for path in outputs:
             print(path)
         return 0
 
-    return run_command("generate.py", body, "interrupted; nothing written", (UsageError, ValueError, FileNotFoundError))
+    # OSError: also a full disk (FileNotFoundError: a missing file)
+    return run_command("generate.py", body, "interrupted; nothing written", (UsageError, ValueError, OSError))

@@ -12,6 +12,12 @@ slots of a pattern. Conditions reach the decoder in one of two ways:
     "cross"  (MusicGen)        : every layer cross-attends to the projected T5 states
     "prefix" (MusicGen-Melody) : [chroma | text | audio tokens] form one causal sequence
 
+A batch pads its texts to the longest. Transformers places every prefix row's audio after the padded
+prefix; with `LMConditions.independent_rows` each prefix row is packed instead (its own prefix, then
+its tokens, then the padding) and steps from its own positions, and attention over padded keys goes
+through `row_invariant_attention`, so that the padding changes no bit of a row: its output is then
+independent of the rest of the batch.
+
 The layer layout, the sinusoid and the projections follow MusicGen exactly (same maths as
 transformers' `MusicgenForCausalLM`), so real checkpoints load by renaming tensors; q/k/v and the
 K heads are stored fused so that one decoding step is a few large matrix products.
@@ -101,6 +107,11 @@ class LMConditions:
     cross: Tensor | None = None  # [N, L, D] cross-attention memory ("cross" models)
     cross_mask: Tensor | None = None  # [N, L] 1 = attend, 0 = padding
     prefix: Tensor | None = None  # [N, P, D] embeddings placed before the tokens ("prefix" models)
+    prefix_mask: Tensor | None = None  # [N, P] 1 = a real prefix entry, 0 = padding (for independent_rows)
+    # decoding computes each row so that no bit of it depends on the other rows: prefix rows packed (real
+    # entries, then tokens) at their own positions, padded keys through row_invariant_attention. False:
+    # transformers' layout, the prefix padded and its positions shared by all rows
+    independent_rows: bool = False
 
     @property
     def rows(self) -> int:
@@ -124,11 +135,19 @@ class KVCache:
     positions filled, the cross-attention keys/values of rows [0, attending) (computed once; the rows
     after them are silent, their cross-attention output is zero) and the packed step weights."""
 
-    def __init__(self, cfg: LMConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: LMConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device,
+                 independent_rows: bool = False):
         shape = (cfg.num_layers, rows, cfg.num_heads, max_len, cfg.dim // cfg.num_heads)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        alloc = torch.zeros if independent_rows else torch.empty  # packed rows mask slots they never wrote
+        self.k = alloc(shape, dtype=dtype, device=device)
+        self.v = alloc(shape, dtype=dtype, device=device)
         self.length = 0  # positions filled so far
+        self.independent_rows = independent_rows
+        # packed prefix rows: how far each row's own position trails `length` [N], the cache slots
+        # (= positions) of the step's inputs [N, T] and the additive bias of the keys they see [N, 1, T, S]
+        self.lag: Tensor | None = None
+        self.rows_at: Tensor | None = None
+        self.rows_bias: Tensor | None = None
         self.cross: list[tuple[Tensor, Tensor]] | None = None  # per layer, [attending, H, L, hd] each
         self.cross_bias: Tensor | None = None  # [attending, 1, 1, L] additive mask
         self.attending = rows
@@ -160,10 +179,17 @@ class SelfAttention(nn.Module):
             )
         else:
             start, end = cache.length, cache.length + t
-            cache.k[layer, :, :, start:end] = k
-            cache.v[layer, :, :, start:end] = v
+            if cache.rows_at is None:
+                cache.k[layer, :, :, start:end] = k
+                cache.v[layer, :, :, start:end] = v
+            else:  # each row writes at its own positions
+                rows = torch.arange(n, device=x.device)[:, None]
+                cache.k[layer][rows, :, cache.rows_at] = k.transpose(1, 2)
+                cache.v[layer][rows, :, cache.rows_at] = v.transpose(1, 2)
             k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
-            if t == 1:  # one new query sees every cached key
+            if cache.rows_bias is not None:
+                y = row_invariant_attention(q, k, v, cache.rows_bias)
+            elif t == 1:  # one new query sees every cached key
                 y = F.scaled_dot_product_attention(q, k, v)
             elif start == 0:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -190,9 +216,12 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], bias: Tensor | None, cache: KVCache | None = None) -> Tensor:
         n, t, d = x.shape
         q = linear(self.q, x, cache).view(n, t, self.heads, d // self.heads).transpose(1, 2)
-        y = F.scaled_dot_product_attention(
-            q, kv[0], kv[1], attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
-        )
+        if cache is not None and cache.independent_rows:  # the batch's text padding changes no bit of a row
+            y = row_invariant_attention(q, kv[0], kv[1], bias)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, kv[0], kv[1], attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
+            )
         return linear(self.out, y.transpose(1, 2).reshape(n, t, d), cache)
 
 
@@ -331,20 +360,28 @@ class TransformerLM(nn.Module):
             return None
         return ((1.0 - mask.to(dtype)) * torch.finfo(dtype).min)[:, None, None, :]
 
+    def key_bias(self, allowed: Tensor) -> Tensor:
+        """A boolean mask of the keys a query may see -> the additive bias of `cross_bias`."""
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(self.dtype).min)
+
     def forward(self, tokens: Tensor, conditions: LMConditions) -> Tensor:
         """Teacher-forced pass for training: [B, K, S] tokens -> [B, K, S, codebook_size] logits (position s
         predicts step s + 1). For prefix models the prefix positions are dropped from the output."""
         x = self.embed_tokens(tokens)
-        prefix = 0
-        if conditions.prefix is not None:
-            prefix = conditions.prefix.shape[1]
+        steps = x.shape[1]
+        ends = torch.full((x.shape[0],), steps, device=x.device)  # [B] where each row's tokens end
+        if conditions.prefix is not None and conditions.independent_rows:
+            x, ends = pack_rows(conditions.prefix.to(x), conditions.prefix_mask, x)
+        elif conditions.prefix is not None:
             x = torch.cat([conditions.prefix.to(x), x], dim=1)
+            ends += conditions.prefix.shape[1]
         x = x + self.positions(0, x.shape[1], x)
         x = F.dropout(x, self.cfg.dropout, self.training)
         cross_kv, bias = self._cross(conditions.cross, conditions.cross_mask)
         for i, layer in enumerate(self.layers):
             x = layer(x, None, i, cross_kv[i] if cross_kv else None, bias)
-        return self._logits(self.norm(x[:, prefix:]), None)
+        at = ends[:, None] - steps + torch.arange(steps, device=x.device)  # [B, S] the tokens' positions
+        return self._logits(self.norm(x.gather(1, at[..., None].expand(-1, -1, x.shape[-1]))), None)
 
     def _cross(self, cross: Tensor | None, mask: Tensor | None):
         """Per-layer cross-attention keys/values of [N, L, D] states, and the [N, 1, 1, L] bias."""
@@ -365,7 +402,7 @@ class TransformerLM(nn.Module):
         for the rows that can see anything, and (CPU) the step's weights packed for oneDNN."""
         rows = conditions.rows
         prefix = 0 if conditions.prefix is None else conditions.prefix.shape[1]
-        cache = KVCache(self.cfg, rows, prefix + max_steps, self.dtype, self.device)
+        cache = KVCache(self.cfg, rows, prefix + max_steps, self.dtype, self.device, conditions.independent_rows)
         if self.cfg.conditioning == "cross":
             cache.attending = attending_rows(conditions.cross, conditions.cross_mask)
             mask = None if conditions.cross_mask is None else conditions.cross_mask[: cache.attending]
@@ -392,15 +429,63 @@ class TransformerLM(nn.Module):
 
     def step(self, tokens: Tensor, cache: KVCache, conditions: LMConditions | None = None) -> Tensor:
         """Feed new steps [N, K, T] (T >= 1) through the cache; returns the logits of the last step,
-        [N, K, codebook_size]. The prefix (prefix models) is prepended on the first call, when the cache is empty."""
+        [N, K, codebook_size]. The prefix (prefix models) is prepended on the first call, when the cache is empty;
+        with a prefix mask the rows are packed there and each row then continues from its own position."""
         x = self.embed_tokens(tokens)
         if cache.length == 0 and conditions is not None and conditions.prefix is not None:
-            x = torch.cat([conditions.prefix.to(x), x], dim=1)
-        x = x + self.positions(cache.length, x.shape[1], x)
+            if conditions.independent_rows:
+                x, ends = pack_rows(conditions.prefix.to(x), conditions.prefix_mask, x)
+                cache.lag = x.shape[1] - ends
+            else:
+                x = torch.cat([conditions.prefix.to(x), x], dim=1)
+        n, t = x.shape[:2]
+        last = torch.full((n,), t - 1, device=x.device)  # [N] each row's last input
+        cache.rows_at = cache.rows_bias = None
+        if cache.lag is None:
+            x = x + self.positions(cache.length, t, x)
+        else:
+            at = torch.arange(t, device=x.device)[None]  # [1, T] the packed first call: every row from 0
+            if cache.length:  # later calls: each row at its own positions, which are its cache slots
+                at = cache.length - cache.lag[:, None] + at  # [N, T]
+                cache.rows_at = at
+            else:
+                last = last - cache.lag
+            x = x + self.positions(0, int(at.max()) + 1, x)[at]
+            keys = torch.arange(cache.length + t, device=x.device)
+            cache.rows_bias = self.key_bias(keys <= at[..., None])[:, None]  # [N or 1, 1, T, S]: own filled slots
         for i, layer in enumerate(self.layers):
             x = layer(x, cache, i, cache.cross[i] if cache.cross else None, cache.cross_bias)
-        cache.length += x.shape[1]
-        return self._logits(self.norm(x[:, -1:]), cache)[:, :, 0]
+        cache.length += t
+        h = x.gather(1, last[:, None, None].expand(-1, 1, x.shape[-1]))  # [N, 1, D]
+        return self._logits(self.norm(h), cache)[:, :, 0]
+
+
+KEY_BLOCK = 64  # keys are padded to a multiple of this in row_invariant_attention
+
+
+def row_invariant_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+    """softmax(q k^T / sqrt(hd) + bias) v ([N, H, T, hd] queries, [N, H, S, hd] keys and values, an additive
+    [N or 1, 1, T or 1, S] bias that holds the dtype's lowest value at masked keys), computed so that a
+    row's result does not depend on how many masked keys trail its own: the keys are padded to a multiple
+    of KEY_BLOCK, so that vectorised reductions group a row's keys the same way whatever the padding
+    (fused attention kernels do not)."""
+    pad = -k.shape[-2] % KEY_BLOCK
+    lowest = torch.finfo(q.dtype).min
+    if bias is None:
+        bias = q.new_zeros(1, 1, 1, k.shape[-2])
+    k, v, bias = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)), F.pad(bias, (0, pad), value=lowest)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + bias  # [N, H, T, S]
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def pack_rows(prefix: Tensor, mask: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """[N, P, D] prefix with its [N, P] mask, and [N, T, D] token embeddings -> [N, P + T, D] rows that
+    hold each row's real prefix entries in order, then its tokens, then its padding; and [N] where each
+    row's tokens end. Padding at the end is never seen by a real position under causal attention."""
+    seq = torch.cat([prefix, x], dim=1)  # [N, P + T, D]
+    real = torch.cat([mask.bool(), mask.new_ones(x.shape[:2], dtype=torch.bool)], dim=1)  # [N, P + T]
+    order = torch.argsort((~real).to(torch.uint8), dim=1, stable=True)  # real entries first, in order
+    return seq.gather(1, order[..., None].expand(-1, -1, seq.shape[-1])), real.sum(1)
 
 
 def attending_rows(cross: Tensor, mask: Tensor | None) -> int:

@@ -4,6 +4,12 @@
                                           +--> TransformerLM --(pattern, sampling)--> codes --codec--> audio
     melody --ChromaConditioner--> [B, C, D] (prefix models only)
 
+Each row of a batch is computed so that a prompt's output does not depend on the other prompts
+(`LMConditions.independent_rows`: texts encoded one by one, prefix rows at their own positions);
+`batch_like_transformers` (set for transformers' checkpoints) batches as transformers does instead,
+texts encoded together and, for MusicGen-Melody, the prefix padded to the batch's longest text, which
+is what token-exactness with transformers needs.
+
 Generation longer than `max_duration` slides a window over the output, as audiocraft does: each new
 window is prompted with the last `max_duration - extend_stride` seconds of codes and, for melody
 models, sees the chromagram from its own start time.
@@ -12,12 +18,14 @@ models, sees the chromagram from its own start time.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -42,6 +50,7 @@ class MusicGen(nn.Module):
         chroma: ChromaConditioner | None = None,
         max_duration: float = 30.0,
         extend_stride: float = 18.0,
+        batch_like_transformers: bool = False,
     ):
         super().__init__()
         if codec.num_codebooks != lm.cfg.num_codebooks or codec.codebook_size != lm.cfg.codebook_size:
@@ -55,6 +64,7 @@ class MusicGen(nn.Module):
             raise ValueError("extend_stride must be in (0, max_duration)")
         self.lm, self.codec, self.text, self.chroma = lm, codec, text, chroma
         self.max_duration, self.extend_stride = float(max_duration), float(extend_stride)
+        self.batch_like_transformers = batch_like_transformers  # see the module docstring
         self.pattern: CodebookPattern = make_pattern(lm.cfg.pattern, lm.cfg.num_codebooks)
 
     @property
@@ -74,7 +84,8 @@ class MusicGen(nn.Module):
         """Texts (B; None = no caption, the null text) and optional one-hot chroma features [B, T, 12]
         -> LM conditions, with the null rows appended when guided: zero text states with an all-zero
         mask, and the null melody."""
-        emb, mask = self.text([text or "" for text in texts])  # [B, L, D], [B, L]
+        emb, mask = self.encode_texts([text or "" for text in texts])  # [B, L, D], [B, L]
+        tokens = mask  # the text's own tokens: a null row keeps as many (zero) entries as its conditional row
         uncaptioned = torch.tensor([text is None for text in texts], device=emb.device)
         if uncaptioned.any():
             null_emb, null_mask = null_text(emb, mask)
@@ -85,9 +96,22 @@ class MusicGen(nn.Module):
             feats = melody if melody is not None else self.chroma.null_features(len(texts))
         if guided:
             null_emb, null_mask = null_text(emb, mask)
-            emb, mask = torch.cat([emb, null_emb]), torch.cat([mask, null_mask])
+            emb, mask, tokens = torch.cat([emb, null_emb]), torch.cat([mask, null_mask]), torch.cat([tokens, tokens])
             feats = None if feats is None else torch.cat([feats, null_chroma_features(feats)])
-        return layout_conditions(self.lm.cfg.conditioning, emb, mask, self.chroma, feats)
+        text_tokens = None if self.batch_like_transformers else tokens
+        return layout_conditions(self.lm.cfg.conditioning, emb, mask, self.chroma, feats, text_tokens)
+
+    def encode_texts(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """Texts (B) -> T5 states [B, L, D] and mask [B, L], padded to the longest text. Each text is
+        encoded on its own (a padded batch can round differently row by row), except with `batch_like_transformers`,
+        where the batch is encoded together as transformers does."""
+        if self.batch_like_transformers:
+            return self.text(texts)
+        rows = [self.text([t]) for t in texts]  # ([1, L_i, D], [1, L_i]) each
+        length = max(mask.shape[1] for _, mask in rows)
+        emb = torch.cat([F.pad(e, (0, 0, 0, length - e.shape[1])) for e, _ in rows])
+        mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for _, m in rows])
+        return emb, mask
 
     def melody_features(self, wavs: list[Tensor | None]) -> Tensor | None:
         """Mono waveforms at the chroma rate (None = no melody for that row) -> one-hot [B, T, 12],
@@ -97,7 +121,10 @@ class MusicGen(nn.Module):
         given = [w for w in wavs if w is not None]
         if not given:
             return None
-        feats = iter(self.chroma.features(given))  # [B', T, 12]
+        if self.batch_like_transformers:  # transformers pads every melody to the longest one
+            feats = iter(self.chroma.features(given))  # [B', T, 12]
+        else:  # each melody on its own, looped to the conditioner's length: rows do not see each other
+            feats = iter(torch.cat([self._looped(self.chroma.features([w])) for w in given]))
         out = [next(feats) if w is not None else None for w in wavs]
         ref = next(f for f in out if f is not None)
         null = self.chroma.null_features(1, ref.shape[0], device=ref.device)[0]
@@ -134,6 +161,10 @@ class MusicGen(nn.Module):
             offset += stride
         return out
 
+    def _looped(self, feats: Tensor) -> Tensor:
+        """[1, T, 12] features -> [1, chroma_length, 12], looped or cut as ChromaConditioner does."""
+        return feats.repeat(1, math.ceil(self.chroma.chroma_length / feats.shape[1]), 1)[:, : self.chroma.chroma_length]
+
     def _melody_window(self, wavs: list[Tensor | None] | None, frame_offset: int) -> Tensor | None:
         """Chroma features for a window starting at token frame `frame_offset`. The first window
         hears each melody whole (as transformers does); later ones hear `max_duration` seconds of
@@ -155,6 +186,7 @@ class MusicGen(nn.Module):
             "lm": self.lm.cfg.to_dict(),
             "max_duration": self.max_duration,
             "extend_stride": self.extend_stride,
+            "batch_like_transformers": self.batch_like_transformers,
             "chroma": None if self.chroma is None else self._chroma_config(),
         }
 
@@ -208,24 +240,32 @@ class MusicGen(nn.Module):
             chroma = ChromaConditioner(dim=lm.cfg.dim, **cfg["chroma"])
             chroma.load_state_dict(_strip(tensors, "chroma."))
         codec = EncodecCodec.from_pretrained(path / "codec", num_codebooks=lm.cfg.num_codebooks)
-        model = cls(lm, codec, text, chroma, cfg["max_duration"], cfg["extend_stride"])
+        model = cls(lm, codec, text, chroma, cfg["max_duration"], cfg["extend_stride"], cfg.get("batch_like_transformers", False))
         return model.eval()
 
 
 def layout_conditions(
-    conditioning: str, emb: Tensor, mask: Tensor, chroma: ChromaConditioner | None, features: Tensor | None
+    conditioning: str, emb: Tensor, mask: Tensor, chroma: ChromaConditioner | None, features: Tensor | None,
+    text_tokens: Tensor | None = None,
 ) -> LMConditions:
     """The one place that lays conditions out for the LM, in generation, training and evaluation.
 
     cross:   text states emb [B, L, D] (mask [B, L]) are cross-attended
     prefix:  [chroma(features) [B, C, D] | emb [B, L, D]] is read before the codes (melody models);
              without a chroma conditioner (or features) the prefix is the text alone
+
+    `text_tokens` [B, L] (1 = a token of the row's own text, also where its condition is dropped)
+    computes each row apart (`LMConditions.independent_rows`: prefix rows at their own positions);
+    None keeps transformers' batching, the prefix padded to the batch's longest text.
     """
+    independent = text_tokens is not None
     if conditioning == "cross":
-        return LMConditions(cross=emb, cross_mask=mask)
+        return LMConditions(cross=emb, cross_mask=mask, independent_rows=independent)
     if chroma is None or features is None:
-        return LMConditions(prefix=emb)
-    return LMConditions(prefix=torch.cat([chroma(features), emb], dim=1))
+        return LMConditions(prefix=emb, prefix_mask=text_tokens, independent_rows=independent)
+    states = chroma(features)  # [B, C, D]
+    prefix_mask = torch.cat([text_tokens.new_ones(states.shape[:2]), text_tokens], dim=1) if independent else None
+    return LMConditions(prefix=torch.cat([states, emb], dim=1), prefix_mask=prefix_mask, independent_rows=independent)
 
 
 def _strip(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

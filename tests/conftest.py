@@ -38,3 +38,13 @@ def tiny_melody_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny_models import build_tiny_musicgen
 
     return build_tiny_musicgen(tmp_path_factory.mktemp("tiny_melody"), melody=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_default_like_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny model in the project's own format, built like the bundled default model (prefix LM,
+    chroma, T5 from captions), built once per session."""
+    from tiny_models import build_tiny_default_like
+
+    return build_tiny_default_like(tmp_path_factory.mktemp("tiny_default_like") / "model")
+

@@ -6,10 +6,18 @@ one stderr line for the command lines, a page error for the web app) and must wr
 
 from __future__ import annotations
 
+import contextlib
+import resource
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
 
+import musicgen_lite
 from hum import synth_hum
 
 
@@ -21,6 +29,8 @@ def files(tmp_path_factory, tiny_musicgen_dir):
     sf.write(root / "hum.wav", synth_hum([60, 64, 67]), 32000)
     (root / "a_file").write_text("x")
     (root / "empty_dir").mkdir()
+    (root / "two_prompts.txt").write_text("a waltz\na march\n")
+    (root / "b_1.wav").mkdir()  # the second output of a batch written to b.wav cannot be written
     incomplete = root / "incomplete_model"
     incomplete.mkdir()
     (incomplete / "config.json").write_text((tiny_musicgen_dir / "config.json").read_text())
@@ -54,6 +64,9 @@ CASES = [
     ("api", "missing melody file", dict(melody="@missing.wav"), "missing.wav"),
     ("api", "melody that is not audio", dict(melody="@not_audio.wav"), "audio"),
     ("api", "silent melody", dict(melody="@silent.wav"), "silent"),
+    ("api", "seed beyond 64 bits", dict(seed=2**70), "from 0 to 2**64 - 1"),
+    ("api", "negative seed", dict(seed=-1), "from 0 to 2**64 - 1"),
+    ("api", "melody that is a folder", dict(melody="@empty_dir"), "is a folder"),
     ("api", "model dir missing files", dict(model="@incomplete_model"), "not a complete model"),
     ("api", "model path that is a file", dict(model="@a_file"), "not a model directory"),
     ("api", "model dir without a config", dict(model="@empty_dir"), "not a model directory"),
@@ -64,6 +77,11 @@ CASES = [
     ("generate.py", "missing melody", ["--text", "x", "--melody", "@missing.wav"], "missing.wav"),
     ("generate.py", "melody not audio", ["--text", "x", "--melody", "@not_audio.wav"], "audio"),
     ("generate.py", "unwritable output path", ["--text", "x", "--out", "@a_file/out.wav"], "a_file"),
+    ("generate.py", "300-character output name", ["--text", "x", "--out", "@" + "n" * 296 + ".wav"], "too long"),
+    ("generate.py", "a later batch output that cannot be written", ["--batch-file", "@two_prompts.txt", "--out", "@b.wav"], "b_1.wav"),
+    ("generate.py", "seed beyond 64 bits", ["--text", "x", "--seed", "1180591620717411303424"], "from 0 to 2**64 - 1"),
+    ("generate.py", "melody that is a folder", ["--text", "x", "--melody", "@empty_dir"], "is a folder"),
+    ("generate.py", "batch file that is a folder", ["--batch-file", "@empty_dir"], "is a folder"),
     ("generate.py", "model dir missing files", ["--text", "x", "--model", "@incomplete_model"], "not a complete model"),
     ("train.py lm", "missing data dir", ["lm", "--data", "@missing_dir", "--out", "@run"], "missing_dir"),
     ("train.py lm", "data dir without audio", ["lm", "--data", "@empty_dir", "--out", "@run"], "empty_dir"),
@@ -79,6 +97,7 @@ CASES = [
     ("app", "melody that is not audio", dict(melody="@not_audio.wav"), "audio"),
     ("app", "silent melody", dict(melody="@silent.wav"), "silent"),
     ("app", "invalid sampling value", dict(temperature=0), "temperature"),
+    ("app", "seed beyond 64 bits", dict(seed=2**70), "from 0 to 2**64 - 1"),
 ]
 
 
@@ -131,3 +150,45 @@ def test_bad_input(entry, case, args, message, files, tiny_musicgen_dir, tiny_me
         assert "Traceback" not in text
     assert message in text, text
     assert sorted(p.name for p in files.rglob("*")) == before  # nothing written, nothing half-written
+
+
+@contextlib.contextmanager
+def _tiny_disk(folder: Path, size: int):
+    """A file system of `size` bytes at `folder`: a tmpfs where mounting is permitted (root), else a
+    limit of size / 2 bytes per file on this process (RLIMIT_FSIZE: writes past it fail with EFBIG as
+    writes to a full disk fail with ENOSPC). Yields how the fault was made."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, check=False).returncode == 0 if shutil.which("mount") else False
+    if mounted:
+        try:
+            yield "tmpfs"
+        finally:
+            subprocess.run(["umount", str(folder)], check=True)
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, hard))
+    try:
+        yield "RLIMIT_FSIZE"
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, tiny_melody_dir, files, capsys):
+    """Two outputs of 13 kB each on a 16 kB disk: the first fits, the second does not. Neither is
+    left behind (all or nothing), nor any temporary file, and the error is one line, exit code 2."""
+    from musicgen_lite.cli import generate_main
+
+    disk = tmp_path / "disk"
+    argv = ["--batch-file", str(files / "two_prompts.txt"), "--duration", "0.2", "--model", str(tiny_melody_dir),
+            "--out", str(disk / "song.wav")]
+    musicgen_lite.load_model(tiny_melody_dir)  # imports and first loads happen before the disk is small
+    with _tiny_disk(disk, 16384) as how:
+        code, err = _run_cli(generate_main, argv, capsys)
+        left = sorted(p.name for p in disk.iterdir())
+    assert code == 2, (how, err)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "cannot write" in err and "song_" in err, err
+    assert left == [], (how, left)

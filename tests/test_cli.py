@@ -132,3 +132,16 @@ def test_cli_plot_without_matplotlib_names_the_extra(tiny_musicgen_dir, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == ["generate.py: error: --plot needs matplotlib: pip install 'musicgen_lite[plot]'"]
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_batch_file_gives_each_prompt_what_text_gives_it(tiny_default_like_dir, tmp_path, capsys):
+    """A prefix model built like the default one: a prompt in a --batch-file among longer ones writes
+    the same file as that prompt alone with --text and the same --seed."""
+    from musicgen_lite.cli import generate_main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("orchestral film score with soaring strings and brass\na minuet\n")
+    common = ["--duration", "0.3", "--model", str(tiny_default_like_dir), "--seed", "11"]
+    assert generate_main(["--batch-file", str(prompts), "--out", str(tmp_path / "b.wav"), *common]) == 0
+    assert generate_main(["--text", "a minuet", "--out", str(tmp_path / "alone.wav"), *common]) == 0
+    assert (tmp_path / "b_1.wav").read_bytes() == (tmp_path / "alone.wav").read_bytes()

@@ -47,6 +47,8 @@ def test_first_command_writes_five_seconds_of_music_offline(tmp_path):
     audio, rate = sf.read(out)
     assert rate == 32000 and len(audio) >= 5 * 32000
     assert np.sqrt(np.mean(audio**2)) > 0.01 and np.abs(audio).max() < 1.0  # loud enough, not clipped
+    pyln = pytest.importorskip("pyloudnorm")
+    assert pyln.Meter(rate).integrated_loudness(audio) == pytest.approx(-14.0, abs=1.0)  # piano at the promised level
 
     hum = tmp_path / "hum.wav"
     sf.write(hum, synth_hum([60, 62, 64, 65, 67, 65, 64, 62]), 32000)

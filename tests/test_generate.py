@@ -46,13 +46,87 @@ def test_same_seed_same_tokens_different_seed_differs(model):
     assert not np.array_equal(a.tokens, c.tokens)
 
 
-def test_a_prompt_gives_the_same_output_at_any_batch_position(model):
-    single = musicgen_lite.generate("piano sonata", duration=0.3, model=model, seed=3)
-    first = musicgen_lite.generate(["piano sonata", "organ"], duration=0.3, model=model, seed=3)
-    second = musicgen_lite.generate(["a long caption for an organ chorale", "piano sonata"], duration=0.3, model=model, seed=3)
+@pytest.mark.parametrize("which", ["prefix, built like the default model", "cross-attention, built as train.py lm builds it",
+                                   "cross-attention (transformers' MusicGen)", "the bundled default model"])
+def test_a_prompt_gives_the_same_output_at_any_batch_position(which, request, tmp_path):
+    """Texts of other lengths pad the batch: a row must not see that padding, nor be placed after it."""
+    from tiny_models import build_tiny_default_like
+
+    if which.startswith("prefix"):
+        model = musicgen_lite.load_model(request.getfixturevalue("tiny_default_like_dir"))
+    elif which.startswith("cross-attention, built"):
+        model = musicgen_lite.load_model(build_tiny_default_like(tmp_path / "cross", melody=False))
+    elif which.startswith("cross"):  # transformers' batching: the promise holds here in practice (masked padding)
+        model = musicgen_lite.load_model(request.getfixturevalue("tiny_musicgen_dir"))
+    else:
+        model = None
+    args = dict(duration=0.6 if model is None else 0.3, model=model, seed=3)
+    single = musicgen_lite.generate("piano sonata", **args)
+    first = musicgen_lite.generate(["piano sonata", "organ"], **args)
+    second = musicgen_lite.generate(["a long caption for an organ chorale with brass and strings", "piano sonata"], **args)
     np.testing.assert_array_equal(single.tokens[0], first.tokens[0])
     np.testing.assert_array_equal(single.tokens[0], second.tokens[1])
     np.testing.assert_array_equal(single.audio[0], second.audio[1])
+    np.testing.assert_array_equal(first.tokens[1], musicgen_lite.generate("organ", **args).tokens[0])
+
+
+@pytest.mark.parametrize("melody", [True, False], ids=["prefix", "cross-attention"])
+def test_a_rows_logits_are_bit_identical_whatever_its_batch(melody, tmp_path):
+    """Tokens could agree while logits differ in the last bit; the promise is about every bit."""
+    from tiny_models import build_tiny_default_like
+
+    model = musicgen_lite.load_model(build_tiny_default_like(tmp_path / "m", melody=melody))
+    special = model.lm.cfg.codebook_size
+
+    def logits(texts: list[str], row: int) -> list[torch.Tensor]:
+        cond = model.conditions(texts, None, guided=True)
+        cache = model.lm.new_cache(cond, 8)
+        tokens, out = torch.full((cond.rows, 4, 1), special), []
+        with torch.no_grad():
+            for step in range(4):
+                step_logits = model.lm.step(tokens, cache, cond)
+                out += [step_logits[row], step_logits[row + len(texts)]]  # the conditional and the null row
+                tokens = torch.full((cond.rows, 4, 1), step)
+        return out
+
+    alone = logits(["a minuet"], 0)
+    for texts, row in ((["orchestral film score with soaring strings and brass", "a minuet"], 1), (["a minuet", "x"], 0)):
+        assert all(torch.equal(a, b) for a, b in zip(alone, logits(texts, row), strict=True))
+
+
+def test_a_melody_gives_the_same_output_at_any_batch_position(tiny_default_like_dir):
+    """Melodies of other lengths in the batch change neither the chromagram nor the tokens of a row."""
+    from hum import synth_hum
+
+    model = musicgen_lite.load_model(tiny_default_like_dir)
+    short, long = synth_hum([60, 64, 67], note_seconds=0.4), synth_hum([62, 65, 69, 72, 74], note_seconds=0.5)
+    args = dict(melody_sample_rate=32000, duration=0.3, model=model, seed=4)
+    single = musicgen_lite.generate("folk tune", melody=short, **args)
+    batch = musicgen_lite.generate(["orchestral film score with soaring strings", "folk tune"], melody=[long, short], **args)
+    np.testing.assert_array_equal(single.tokens[0], batch.tokens[1])
+
+
+def test_continuations_and_sliding_windows_keep_batch_positions(tiny_default_like_dir):
+    """A prompt fed with the prefix (continuation), and later windows of a long output, on a prefix model."""
+    model = musicgen_lite.load_model(tiny_default_like_dir)
+    texts = ["orchestral film score with soaring strings", "a minuet"]
+    intro = (0.1 * np.random.default_rng(0).standard_normal(int(0.3 * 32000))).astype(np.float32)
+    single = musicgen_lite.generate_continuation(intro, 32000, text="a minuet", duration=0.8, model=model, seed=2)
+    batch = musicgen_lite.generate_continuation(np.stack([intro, intro])[:, None], 32000, text=texts, duration=0.8, model=model, seed=2)
+    np.testing.assert_array_equal(single.tokens[0], batch.tokens[1])
+    model.max_duration, model.extend_stride = 0.4, 0.2
+    single = musicgen_lite.generate("a minuet", duration=1.0, model=model, seed=2)
+    batch = musicgen_lite.generate(texts, duration=1.0, model=model, seed=2)
+    np.testing.assert_array_equal(single.tokens[0], batch.tokens[1])
+
+
+def test_transformers_checkpoints_keep_transformers_batching(model, melody_model, tiny_default_like_dir, tmp_path):
+    """Token-exactness with transformers needs its batching; the project's own models compute rows apart,
+    also after a transformers checkpoint is saved in the project's format (it stays a transformers model)."""
+    assert model.batch_like_transformers and melody_model.batch_like_transformers
+    melody_model.save_pretrained(tmp_path / "saved")
+    assert musicgen_lite.load_model(tmp_path / "saved").batch_like_transformers
+    assert not musicgen_lite.load_model(tiny_default_like_dir).batch_like_transformers
 
 
 def test_a_list_of_seeds_gives_each_row_its_own(model):
@@ -192,3 +266,10 @@ def test_guidance_applies_only_above_one(model):
               for c in (0.0, 0.5, 1.0, 3.0)}
     assert np.array_equal(tokens[0.0], tokens[1.0]) and np.array_equal(tokens[0.5], tokens[1.0])
     assert not np.array_equal(tokens[3.0], tokens[1.0])
+
+
+def test_loading_a_model_keeps_transformers_off_stderr(tiny_melody_dir, capfd):
+    """No "Loading weights" bars or notices meant for transformers' developers reach the user."""
+    capfd.readouterr()
+    musicgen_lite.load_model(tiny_melody_dir)
+    assert capfd.readouterr().err == ""

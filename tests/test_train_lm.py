@@ -419,6 +419,7 @@ def test_torchrun_two_cpu_processes(tiny_musicgen_dir, data_dir, tmp_path):
            "--max-steps", "4", "--eval-every", "2", "--device", "cpu", *map(str, FAST)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Loading weights" not in proc.stderr and "[transformers]" not in proc.stderr, proc.stderr[-3000:]
     # both processes hashed their final weights; the main process compared them and wrote that model
     agreed = re.search(r"all 2 processes hold identical weights \(sha256 ([0-9a-f]{12})\)", proc.stdout)
     assert agreed, proc.stdout

@@ -426,3 +426,38 @@ def hf_greedy_margin(
     num_codebooks = gaps.shape[2]
     kept = [gaps[k : k + frames, :, k] for k in range(num_codebooks)]
     return float(torch.cat([g.reshape(-1) for g in kept]).min())
+
+
+def build_tiny_default_like(out_dir: str | Path, *, seed: int = 0, hidden_size: int = 32, chroma_length: int = 20,
+                            melody: bool = True) -> Path:
+    """Write a random tiny model built the way the bundled default model is (train.py lm --melody from
+    scratch): the project's own format, a prefix-conditioned LM, a chroma conditioner, a T5 encoder and
+    sentencepiece tokenizer made from the captions, and an EnCodec codec. Returns `out_dir`.
+    `melody=False`: as train.py lm builds it without --melody, a cross-attention LM and no chroma."""
+    import tempfile
+
+    from codebooks.codec import EncodecCodec
+    from conditioning.chroma import ChromaConditioner
+    from conditioning.text import T5Conditioner
+    from musicgen_lite.lm import LMConfig, TransformerLM
+    from musicgen_lite.model import MusicGen
+
+    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as tokenizer_dir:
+        torch.manual_seed(seed)
+        codec = EncodecCodec.from_config(_tiny_encodec_config(4, 32))
+        lm = TransformerLM(LMConfig(num_codebooks=4, codebook_size=codec.codebook_size, dim=hidden_size, num_heads=4,
+                                    num_layers=2, ffn_dim=64, conditioning="prefix" if melody else "cross"))
+        text = T5Conditioner.from_captions(list(CAPTIONS), hidden_size, tokenizer_dir, vocab_size=128, d_model=24,
+                                           num_layers=2, num_heads=4, d_kv=6, d_ff=48, seed=seed)
+        chroma = ChromaConditioner(hidden_size, chroma_length=chroma_length) if melody else None
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # large weights, as in build_tiny_musicgen, so that the text reaches the tokens
+            for part in (lm, text.proj) + ((chroma.proj,) if melody else ()):
+                for p in part.parameters():
+                    if p.ndim == 2:  # embeddings and linear maps; norms keep their gains of 1
+                        p.copy_(torch.randn(p.shape, generator=generator) * DECODER_INIT_STD)
+            for module in codec.modules():
+                if type(module).__name__ == "EncodecEuclideanCodebook":
+                    module.embed.copy_(torch.randn(module.embed.shape, generator=generator))
+        MusicGen(lm, codec, text, chroma, max_duration=10.0, extend_stride=6.0).save_pretrained(out_dir)
+    return Path(out_dir)

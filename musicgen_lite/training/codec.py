@@ -49,7 +49,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers.utils import logging as hf_logging
 
 from codebooks.audio import LazyAudio, move_entries
 from codebooks.trainable import Codec
@@ -57,6 +56,8 @@ from codebooks.trainable import Codec
 from ..audio_data import DataError, read_metadata, scan, stable_hash
 from ..cli_errors import UsageError
 from ..evaluate.signal import si_sdr
+from ..quiet import transformers_silenced
+from ..run_lock import RunInUse, RunLock
 from .checkpoints import all_finite, restore_latest, rng_state, save_step, set_rng_state
 from .codec_config import ARCHITECTURE, OLD_DEFAULTS, PROG, TrainConfig, _as_tuple, _fmt, build_codec, build_parser
 from .codec_losses import MultiScaleMelLoss, MultiScaleSTFTDiscriminator, discriminator_loss, generator_adversarial_losses
@@ -293,15 +294,10 @@ def save_checkpoint(t: Trainer, run: Path) -> Path:
 
 def export_codec(model: Codec, run: Path) -> None:
     """Save the codec as a transformers EncodecModel into run/ (each file written aside, then renamed)."""
-    progress_bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # save_pretrained would draw one for a single small file
-    try:
-        with tempfile.TemporaryDirectory(dir=run, prefix=".export-") as tmp:
-            model.to_encodec().save_pretrained(tmp)
-            move_entries(Path(tmp), run)  # config.json last: it marks completeness
-    finally:
-        if progress_bars:
-            hf_logging.enable_progress_bar()
+    # transformers silenced: save_pretrained would draw a progress bar for a single small file
+    with transformers_silenced(), tempfile.TemporaryDirectory(dir=run, prefix=".export-") as tmp:
+        model.to_encodec().save_pretrained(tmp)
+        move_entries(Path(tmp), run)  # config.json last: it marks completeness
 
 
 def load_latest_checkpoint(run: Path, cfg: TrainConfig) -> tuple[Path, dict] | None:
@@ -422,20 +418,28 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
 
+    run = Path(cfg.out)
+    lock = RunLock(run, PROG)
+
     def body() -> int:
-        run = Path(cfg.out)
         cfg.validate()
         if cfg.tensorboard:
             require_tensorboard()
         device = resolve_device(cfg.device)
         if run.exists() and not run.is_dir():
             raise UsageError(f"--out {run} exists and is not a directory")
-        checkpoint = load_latest_checkpoint(run, cfg)
         data = load_audio_data(Path(cfg.data), cfg.sample_rate, cfg.valid_fraction)
         try:
             run.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UsageError(f"cannot create --out {run}: {e.strerror}") from None
+        try:
+            lock.acquire()  # one trainer per run folder, before reading its checkpoints
+        except RunInUse as e:
+            raise UsageError(str(e)) from None
+        if lock.previous:
+            print(f"taking over the lock of a run that ended without releasing it ({lock.previous})", flush=True)
+        checkpoint = load_latest_checkpoint(run, cfg)
         minutes = [sum(len(w) for w in waves) / cfg.sample_rate / 60 for waves in (data.train, data.valid)]
         print(
             f"data: {len(data.train)} train files ({minutes[0]:.1f} min), {len(data.valid)} validation files "
@@ -445,4 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, device, data, run, checkpoint)
         return 0
 
-    return run_training(PROG, body)
+    try:
+        return run_training(PROG, body)
+    finally:
+        lock.release()

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from ..audio_data import Clip, DataError, TokenCache, scan
 from ..cli_errors import UsageError
 from ..model import MusicGen
+from ..run_lock import RunInUse, RunLock
 from ..sampling import SamplingParams
 from .checkpoints import (
     CorruptCheckpoint,
@@ -359,19 +360,25 @@ def train(cfg: Config) -> int:
         raise UsageError(str(e)) from None
 
     # 1. the model this run trains (written once, by the main process)
-    error = None
+    error, lock = None, RunLock(run, PROG)
     if d.main:
         fresh = not run.exists()
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(run)
         try:
-            if not (base / "config.json").is_file():
-                build_base(cfg, files, base)
-            check_architecture(cfg, run)
-        except UsageError as e:
+            lock.acquire()  # one trainer per run folder: the main process holds it for every process
+        except RunInUse as e:
             error = str(e)
-            if fresh:  # a run that never started leaves nothing behind
-                shutil.rmtree(run, ignore_errors=True)
+        else:
+            remove_leftovers(run)
+            try:
+                if not (base / "config.json").is_file():
+                    build_base(cfg, files, base)
+                check_architecture(cfg, run)
+            except UsageError as e:
+                error = str(e)
+                if fresh:  # a run that never started leaves nothing behind
+                    lock.release()
+                    shutil.rmtree(run, ignore_errors=True)
     for reported in d.gather(error):  # every process stops on the main process's usage error
         if reported:
             raise UsageError(reported)
@@ -380,6 +387,8 @@ def train(cfg: Config) -> int:
     model.text.freeze = not cfg.train_text_encoder
     model.text.encoder.requires_grad_(not model.text.freeze)
     log = RunLog(run / "log.csv", log_columns(model.lm.cfg.num_codebooks), d.main, cfg.tensorboard)
+    if lock.previous:
+        log.line(f"taking over the lock of a run that ended without releasing it ({lock.previous})")
 
     # 2. tokens (and chroma) of every file, encoded once
     cache = TokenCache(Path(cfg.cache_dir) if cfg.cache_dir else run / "cache", model.codec, cfg.chunk_seconds,
@@ -431,6 +440,7 @@ def train(cfg: Config) -> int:
         agree = f"; all {d.world} processes hold identical weights (sha256 {digests[0][:12]})" if d.world > 1 else ""
         log.line(f"done at step {trainer.step}: model written to {run}{agree}")
     d.barrier()
+    lock.release()
     return 0
 
 

@@ -43,6 +43,7 @@ def build_base(cfg: Config, files: list[AudioFile], path: Path) -> None:
             raise UsageError(str(e)) from None
         if cfg.melody and not model.has_melody:
             raise UsageError(f"--melody needs a melody model, and {cfg.model} has no melody conditioning")
+        model.batch_like_transformers = False  # trained here: each row at its own positions, as generation then places it
         model.save_pretrained(path)
         return
     try:
@@ -94,17 +95,20 @@ class TeacherForcing(nn.Module):
         super().__init__()
         self.lm, self.text, self.chroma = model.lm, model.text, model.chroma
         self.pattern = model.pattern
+        self.batch_like_transformers = model.batch_like_transformers
 
     def forward(self, codes: Tensor, valid: Tensor, texts: list[str], captioned: Tensor, chroma: Tensor | None,
                 condition_dropout: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         cfg = self.lm.cfg
         emb, mask = self.text(texts)  # [B, L, D], [B, L]
+        tokens = mask  # each row's own text length, also where its condition is dropped (as at generation)
         feats = None if chroma is None else F.one_hot(chroma, self.chroma.num_chroma).float()  # [B, C, 12]
         if generator is not None:  # training: classifier-free guidance dropout of text and melody together
             emb, mask, feats = drop_conditions(emb, mask, feats, condition_dropout, generator)
         emb = emb * captioned[:, None, None]  # an uncaptioned row always gets the null text
         mask = mask * captioned[:, None]
-        cond = layout_conditions(cfg.conditioning, emb, mask, self.chroma, feats)
+        text_tokens = None if self.batch_like_transformers else tokens  # each row at its own positions
+        cond = layout_conditions(cfg.conditioning, emb, mask, self.chroma, feats, text_tokens)
         seq = self.pattern.build(codes, cfg.special_token)  # [B, K, S]
         real = self.pattern.build(valid[:, None].expand(-1, cfg.num_codebooks, -1).long(), 0).bool()  # [B, K, S]
         logits = self.lm(seq[:, :, :-1], cond)  # [B, K, S-1, codebook_size]: step s predicts step s + 1
