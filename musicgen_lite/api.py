@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from conditioning.chroma import load_melody
+from conditioning.midi_melody import is_midi, midi_chroma
 
 from .audio_io import check_output, write_audio
 from .checkpoints import load_default_model, load_model
@@ -152,7 +153,8 @@ def generate(
     seed: int | list[int] | None = None,
     progress: bool = False,
 ) -> GenerationResult:
-    """Music from text, optionally following a melody (path, waveform with `melody_sample_rate`, or a list).
+    """Music from text, optionally following a melody (an audio or MIDI path, a waveform with
+    `melody_sample_rate`, or a list of them); a MIDI file's melody line stands for a hum of it.
 
     frames = round(duration * frame_rate); the audio has frames * hop samples. top_k=1 is greedy.
     """
@@ -163,8 +165,9 @@ def generate(
     if melodies is not None:
         if not lm_model.has_melody:
             raise ValueError("this model has no melody conditioning; use a MusicGen-Melody-style model")
-        rate = lm_model.chroma.extractor.sample_rate
-        wavs = [load_melody(m, melody_sample_rate, rate) for m in melodies]
+        extractor = lm_model.chroma.extractor
+        wavs = [midi_chroma(m, extractor) if is_midi(m) else load_melody(m, melody_sample_rate, extractor.sample_rate)
+                for m in melodies]
     frames = max(1, round(duration * lm_model.frame_rate))
     tokens = lm_model.generate_tokens(texts, frames, params, generators, melody=wavs, progress=progress)
     return _result(lm_model, tokens, texts)

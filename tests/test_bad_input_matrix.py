@@ -6,6 +6,7 @@ one stderr line for the command lines, a page error for the web app) and must wr
 
 from __future__ import annotations
 
+import mido
 import numpy as np
 import pytest
 import soundfile as sf
@@ -19,6 +20,9 @@ def files(tmp_path_factory, tiny_musicgen_dir):
     (root / "not_audio.wav").write_text("this is not audio")
     sf.write(root / "silent.wav", np.zeros(32000, dtype=np.float32), 32000)
     sf.write(root / "hum.wav", synth_hum([60, 64, 67]), 32000)
+    no_notes = mido.MidiFile()
+    no_notes.tracks.append(mido.MidiTrack([mido.MetaMessage("set_tempo", tempo=500000)]))
+    no_notes.save(str(root / "no_notes.mid"))
     (root / "a_file").write_text("x")
     (root / "empty_dir").mkdir()
     incomplete = root / "incomplete_model"
@@ -79,6 +83,8 @@ CASES = [
     ("app", "melody that is not audio", dict(melody="@not_audio.wav"), "audio"),
     ("app", "silent melody", dict(melody="@silent.wav"), "silent"),
     ("app", "invalid sampling value", dict(temperature=0), "temperature"),
+    ("api", "MIDI melody without notes", dict(melody="@no_notes.mid"), "no notes"),
+    ("generate.py", "MIDI melody without notes", ["--text", "x", "--melody", "@no_notes.mid"], "no notes"),
 ]
 
 
