@@ -28,6 +28,10 @@ text    Prompts that differ only in "<tonic> major" / "<tonic> minor": the outpu
         `estimate_mode` must match the prompt's (goal: 75 %); prompts that differ only in "allegro"
         / "adagio": the ratio of mean `onset_rate`s (goal: at least 1.2).
 
+pairs   Controlled prompt pairs (key, tempo), hums of new tunes by an unheard voice and a noise
+        measure, each beside its ceiling on real held-out renderings: see `musicgen_lite.eval_pairs`
+        (`python -m musicgen_lite.evaluate pairs --help`).
+
 The JSON report holds the run's settings ("sections", "split", "seconds", "seed", and "model", "data",
 "max_files", "skipped_silent" where they apply) and one object per section run: "codec", "lm",
 "melody", "text", each with its means, its goals and "goal_met", and the per-file or per-prompt rows.
@@ -62,6 +66,7 @@ from conditioning.null import null_text
 from .api import generate
 from .audio_data import AudioFile, DataError, scan
 from .checkpoints import load_model
+from .data.scores.captions import _MAJOR_PROFILE, _MINOR_PROFILE
 from .cli import UsageError, _Parser
 from .hum import GLIDE_SECONDS, random_melody, synth_hum
 from .lm import LMConditions
@@ -85,9 +90,8 @@ ONSET_MIN_GAP = 0.05  # seconds; a second peak closer than this to the previous 
 OPUS_RATE = 48000  # libopus codes at 48 kHz; other input rates are resampled to it
 OPUS_MAX_LAG = 0.1  # seconds of codec delay searched when aligning the decoded signal
 
-# key estimation: Krumhansl-Kessler probe-tone profiles, index 0 = tonic
-KK_MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
-KK_MINOR = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
+# key estimation: the Krumhansl-Kessler probe-tone profiles the data builder names keys with, index 0 = tonic
+KK_MAJOR, KK_MINOR = _MAJOR_PROFILE, _MINOR_PROFILE
 PITCH_CLASSES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
 
 # goals printed beside the measurements
@@ -707,6 +711,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["pairs"]:
+        from .eval_pairs import main as pairs_main
+
+        return pairs_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
