@@ -419,6 +419,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--tonics is at most {len(PROMPT_TONICS)}")
         if not (args.data / "metadata.jsonl").is_file():
             raise UsageError(f"{args.data} has no metadata.jsonl")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # no loading bars between the table and its errors
+        hf_logging.disable_progress_bar()
         try:
             model = load_model(args.model)
         except (ValueError, FileNotFoundError) as e:
