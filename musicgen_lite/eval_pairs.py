@@ -19,7 +19,7 @@ melody   `--hums` hums of `eval_voice.new_tune` tunes (in no training data and n
          sung by `eval_voice.sing` (a source-filter voice, not training's additive hum) at HUM_TEMPI
          and HUM_SHIFTS semitones, two settings per tune: `chroma_cosine` between the hum and the clip
          generated with it, and with no melody (same prompt and seed).
-noise    How far the clips' texture is from real music: per clip, spectral flatness between onsets,
+noise    How far the clips' texture is from real music: per clip, spectral flatness (dB) between onsets,
          silent fraction, onset rate and chroma entropy (`texture_stats`); the distance is the RMS over
          the four of (model mean - real mean) / real standard deviation (`texture_distance`) against
          the held-out renderings. Scored on the clips without a melody (key, tempo, melody's no-hum).
@@ -68,7 +68,7 @@ HUM_SHIFTS = (0, 3, -2, 5, -4, 2)  # semitones, hum i transposed by HUM_SHIFTS[i
 # noise measure
 SILENCE_DB = -50.0  # a frame whose RMS is below this (dBFS) is silent
 ONSET_GUARD = 0.05  # seconds either side of an onset that are not "between onsets"
-TEXTURE_KEYS = ("flatness_between_onsets", "silent_fraction", "onset_rate", "chroma_entropy_bits")
+TEXTURE_KEYS = ("flatness_db_between_onsets", "silent_fraction", "onset_rate", "chroma_entropy_bits")
 
 # goals of issue 10's table
 GOALS = {"mode_accuracy": 0.85, "tonic_accuracy": 0.5, "onset_ratio": 1.5, "faster_share": 5 / 6,
@@ -114,21 +114,21 @@ def key_accuracy(rows: list[dict]) -> dict:
 def texture_stats(wav: np.ndarray | torch.Tensor, sr: int) -> dict[str, float | None]:
     """Four numbers that tell music from noise and silence, on 32 ms frames every 8 ms at 32 kHz:
 
-    flatness_between_onsets  mean over the non-silent frames more than 50 ms from every `onset_times`
-                             onset of the spectral flatness exp(mean log P) / mean P of the power
-                             spectrum P (DC left out): near 0 for tones, near 1 for white noise
-                             (None when no frame qualifies)
-    silent_fraction          share of frames whose RMS is below -50 dBFS
-    onset_rate               onsets per second (`onset_times`)
-    chroma_entropy_bits      mean over non-silent chroma frames of the entropy of the chroma vector
-                             normalised to sum 1: 0 for one pitch class, log2 12 = 3.58 for all alike
+    flatness_db_between_onsets  mean over the non-silent frames more than 50 ms from every
+                                `onset_times` onset of the spectral flatness in dB, 10 log10 of
+                                exp(mean log P) / mean P of the power spectrum P (DC left out): about
+                                -2.5 dB for white noise, far lower for tones (None: no frame qualifies)
+    silent_fraction             share of frames whose RMS is below -50 dBFS
+    onset_rate                  onsets per second (`onset_times`)
+    chroma_entropy_bits         mean over non-silent chroma frames of the entropy of the chroma vector
+                                normalised to sum 1: 0 for one pitch class, log2 12 = 3.58 for all alike
     """
     wav = resample(to_mono(wav), sr)
     frames = np.lib.stride_tricks.sliding_window_view(np.pad(wav, (0, max(0, ONSET_N_FFT - wav.shape[0]))),
                                                       ONSET_N_FFT)[::ONSET_HOP]  # [T, n_fft]
     rms_db = 10 * np.log10(np.maximum((frames**2).mean(axis=1), 1e-20))  # [T]
     power = stft_magnitude(wav, ONSET_N_FFT, ONSET_HOP, center=False)[1:] ** 2 + 1e-20  # [F-1, T]
-    flatness = np.exp(np.log(power).mean(axis=0)) / power.mean(axis=0)  # [T]
+    flatness_db = 10 * (np.log(power).mean(axis=0) - np.log(power.mean(axis=0))) / np.log(10)  # [T]
     centres = (np.arange(power.shape[1]) * ONSET_HOP + ONSET_N_FFT // 2) / SAMPLE_RATE
     onsets = onset_times(wav, SAMPLE_RATE)
     far = np.all(np.abs(centres[:, None] - onsets[None]) > ONSET_GUARD, axis=1) if onsets.size else np.ones_like(centres, bool)
@@ -137,7 +137,7 @@ def texture_stats(wav: np.ndarray | torch.Tensor, sr: int) -> dict[str, float | 
     sums = chroma_frames.sum(axis=1)
     p = chroma_frames[sums > 0] / sums[sums > 0, None]
     entropy = -(p * np.log2(np.where(p > 0, p, 1.0))).sum(axis=1)
-    return {"flatness_between_onsets": float(flatness[keep].mean()) if keep.any() else None,
+    return {"flatness_db_between_onsets": float(flatness_db[keep].mean()) if keep.any() else None,
             "silent_fraction": float((rms_db < SILENCE_DB).mean()),
             "onset_rate": len(onsets) / (wav.shape[0] / SAMPLE_RATE),
             "chroma_entropy_bits": float(entropy.mean()) if entropy.size else None}
