@@ -336,16 +336,15 @@ def summary(report: dict) -> list[tuple[str, str, str, str, bool | None]]:
          f">= {GOALS['faster_share'] * tempo['pairs']:.0f} of {tempo['pairs']}",
          tempo["faster_pairs"] >= GOALS["faster_share"] * tempo["pairs"] - 1e-9),
     ]
-    if "skipped" in melody:
-        rows.append(("melody chroma cosine", "skipped", "", "", None))
-    else:
-        rows += [
-            ("melody chroma cosine with the hum", _num(melody["with_melody"], ".3f"),
-             _num(ceil["melody"]["chroma_cosine"], ".3f"), f">= {GOALS['melody_with']}",
-             melody["with_melody"] >= GOALS["melody_with"]),
-            ("... without it (same prompt, seed)", _num(melody["without_melody"], ".3f"), "", "", None),
-            ("... gain", f"{melody['gain']:+.3f}", "", f">= {GOALS['melody_gain']}", melody["gain"] >= GOALS["melody_gain"]),
-        ]
+    heard = "skipped" not in melody  # (a model without melody conditioning has the same rows, skipped)
+    rows += [
+        ("melody chroma cosine with the hum", _num(melody["with_melody"], ".3f") if heard else "skipped",
+         _num(ceil["melody"]["chroma_cosine"], ".3f"), f">= {GOALS['melody_with']}",
+         melody["with_melody"] >= GOALS["melody_with"] if heard else None),
+        ("... without it (same prompt, seed)", _num(melody["without_melody"], ".3f") if heard else "skipped", "", "", None),
+        ("... gain", f"{melody['gain']:+.3f}" if heard else "skipped", "", f">= {GOALS['melody_gain']}",
+         melody["gain"] >= GOALS["melody_gain"] if heard else None),
+    ]
     rows.append(("noise distance to real renderings", _num(noise["distance"]), _num(ceil["noise"]["distance"]), "", None))
     return rows
 
@@ -364,14 +363,17 @@ def format_table(report: dict) -> str:
 
 def markdown_table(reports: list[tuple[str, dict]]) -> str:
     """Reports side by side as a markdown table: one column per model (value, and whether the goal is
-    met), the goal, and the ceiling on real renderings (from the first report's data)."""
+    met), the goal, and the ceilings on real renderings, one column per data folder the reports used."""
     names = [name for name, _ in reports]
-    lines = ["| metric | " + " | ".join(names) + " | goal | real renderings |",
-             "|---|" + "---|" * len(names) + "---|---|"]
+    folders = list(dict.fromkeys(report["settings"]["data"] for _, report in reports))
+    ceiling_of = {report["settings"]["data"]: summary(report) for _, report in reports}  # per folder
+    real = ["real renderings"] if len(folders) == 1 else [f"real renderings ({Path(f).name})" for f in folders]
+    lines = ["| metric | " + " | ".join(names + ["goal"] + real) + " |", "|---|" + "---|" * (len(names) + 1 + len(real))]
     tables = [summary(report) for _, report in reports]
-    for i, (metric, _, ceiling, goal, _) in enumerate(tables[0]):
-        cells = [f"{t[i][1]}" + (f" ({_mark(t[i][4])})" if t[i][4] is not None else "") for t in tables]
-        lines.append(f"| {metric} | " + " | ".join(cells) + f" | {goal} | {ceiling} |")
+    for i, (metric, _, _, goal, _) in enumerate(tables[0]):
+        cells = [t[i][1] + (f" ({_mark(t[i][4])})" if t[i][4] is not None else "") for t in tables]
+        cells += [goal] + [ceiling_of[f][i][2] for f in folders]
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -201,6 +201,11 @@ def test_pairs_command_end_to_end(fake_data, tiny_melody_dir, tmp_path, capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[0] == "| metric | v1 | v2 | goal | real renderings |"
     assert any(line.startswith("| parallel mode accuracy") and line.endswith("| >= 85 % | 100 % |") for line in table)
+    text_only = report | {"melody": {"skipped": "no melody conditioning"},
+                          "settings": report["settings"] | {"data": "/elsewhere/v2data"}}
+    rows = eval_pairs.markdown_table([("v1", report), ("text", text_only)]).splitlines()
+    assert rows[0].endswith(f"| goal | real renderings ({fake_data.name}) | real renderings (v2data) |")
+    assert len(rows) == len(table) and any("| skipped |" in row for row in rows)
 
 
 @pytest.mark.parametrize("argv, message", [
