@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from conditioning.chroma import load_melody
+from conditioning.midi_melody import is_midi, midi_chroma
 
 from .audio_io import write_audio_files
 from .checkpoints import load_default_model, load_model
@@ -164,7 +165,8 @@ def generate(
     seed: int | list[int] | None = None,
     progress: bool = False,
 ) -> GenerationResult:
-    """Music from text, optionally following a melody (path, waveform with `melody_sample_rate`, or a list).
+    """Music from text, optionally following a melody (an audio or MIDI path, a waveform with
+    `melody_sample_rate`, or a list of them); a MIDI file's melody line stands for a hum of it.
 
     frames = round(duration * frame_rate); the audio has frames * hop samples. top_k=1 is greedy.
     """
@@ -175,8 +177,9 @@ def generate(
     if melodies is not None:
         if not musicgen.has_melody:
             raise ValueError("this model has no melody conditioning; use a MusicGen-Melody-style model")
-        rate = musicgen.chroma.extractor.sample_rate
-        wavs = [load_melody(m, melody_sample_rate, rate) for m in melodies]
+        extractor = musicgen.chroma.extractor
+        wavs = [midi_chroma(m, extractor) if is_midi(m) else load_melody(m, melody_sample_rate, extractor.sample_rate)
+                for m in melodies]
     frames = max(1, round(duration * musicgen.frame_rate))
     tokens = musicgen.generate_tokens(texts, frames, params, generators, melody=wavs, progress=progress)
     return _result(musicgen, tokens, texts)

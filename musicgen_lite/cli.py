@@ -12,6 +12,7 @@ from pathlib import Path
 
 from codebooks.audio import read_audio
 from conditioning.chroma import load_melody
+from conditioning.midi_melody import is_midi
 
 from .api import check_request, generate, output_paths
 from .checkpoints import load_default_model, load_model
@@ -48,8 +49,11 @@ def _plotter():
 
 
 def _plot(plot_generation, audio_path: Path, melody_path: str | None) -> Path:
-    """Plot what was written (after loudness normalisation) to <audio stem>.png beside it."""
+    """Plot what was written (after loudness normalisation) to <audio stem>.png beside it; a hummed
+    melody's chromagram is drawn beside it (a MIDI melody has no recording to draw)."""
     data, rate = read_audio(audio_path)  # [C, N]
+    if is_midi(melody_path):
+        melody_path = None
     melody = load_melody(melody_path, target_sample_rate=rate).numpy() if melody_path else None
     return plot_generation(
         audio_path.with_suffix(".png"), data, rate, melody=melody, melody_sample_rate=rate if melody_path else None, title=audio_path.name
@@ -60,7 +64,8 @@ def generate_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="generate.py", description="Generate music from text (and optionally a hummed melody).")
     p.add_argument("--text", help="what the music should be, e.g. 'mozart sonata allegro'")
     p.add_argument("--batch-file", help="a text file with one prompt per line (outputs are numbered)")
-    p.add_argument("--melody", help="a WAV/FLAC/OGG/MP3 of a melody to follow (melody models)")
+    p.add_argument("--melody", help="a WAV/FLAC/OGG/MP3 of a melody to follow, or a MIDI file (.mid) "
+                   "whose top line is the tune (melody models)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of audio (default 10)")
     p.add_argument("--out", default="out.wav", help="output path, .wav or .flac (default out.wav)")
     level = p.add_mutually_exclusive_group()

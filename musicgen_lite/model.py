@@ -113,22 +113,29 @@ class MusicGen(nn.Module):
         mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for _, m in rows])
         return emb, mask
 
-    def melody_features(self, wavs: list[Tensor | None]) -> Tensor | None:
-        """Mono waveforms at the chroma rate (None = no melody for that row) -> one-hot [B, T, 12],
-        or None when no row has a melody."""
+    def melody_features(self, melodies: list[Tensor | None]) -> Tensor | None:
+        """Melodies (None = no melody for that row) -> one-hot [B, T, 12], or None when no row has one.
+
+        A melody is a mono waveform [N] at the chroma rate, or already one-hot chroma [T, 12] (a
+        written tune, `conditioning.midi_melody`). Each row is looped to the conditioner's length on
+        its own; with `batch_like_transformers` shorter rows are padded instead with the null melody's
+        bin, which is also what the extractor makes of the zeros that pad a shorter waveform.
+        """
         if self.chroma is None:
             raise ValueError("this model has no melody conditioning; use a MusicGen-Melody-style model")
-        given = [w for w in wavs if w is not None]
-        if not given:
+        if all(m is None for m in melodies):
             return None
         if self.batch_like_transformers:  # transformers pads every melody to the longest one
-            feats = iter(self.chroma.features(given))  # [B', T, 12]
+            wavs = [m for m in melodies if m is not None and m.dim() == 1]
+            extracted = iter(self.chroma.features(wavs) if wavs else [])  # [B', T, 12]
+            out = [None if m is None else next(extracted) if m.dim() == 1 else m.float() for m in melodies]
         else:  # each melody on its own, looped to the conditioner's length: rows do not see each other
-            feats = iter(torch.cat([self._looped(self.chroma.features([w])) for w in given]))
-        out = [next(feats) if w is not None else None for w in wavs]
-        ref = next(f for f in out if f is not None)
-        null = self.chroma.null_features(1, ref.shape[0], device=ref.device)[0]
-        return torch.stack([null if f is None else f for f in out])
+            out = [None if m is None else self._looped(self.chroma.features([m]) if m.dim() == 1 else m.float()[None])[0]
+                   for m in melodies]
+        frames = max(f.shape[0] for f in out if f is not None)
+        device = next(f for f in out if f is not None).device
+        null = self.chroma.null_features(1, frames, device=device)[0]  # [T, 12]
+        return torch.stack([null if f is None else torch.cat([f.to(device), null[f.shape[0]:]]) for f in out])
 
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -142,8 +149,8 @@ class MusicGen(nn.Module):
         prompt: Tensor | None = None,
         progress: bool = False,
     ) -> Tensor:
-        """[B, K, frames] codes for B texts; `melody` mono waveforms at the chroma rate (None = no
-        melody for that row), heard from time 0 and looped when shorter; `prompt` [B, K, P] codes
+        """[B, K, frames] codes for B texts; `melody` mono waveforms at the chroma rate or one-hot chroma
+        [T, 12] (None = no melody for that row), heard from time 0 and looped when shorter; `prompt` [B, K, P] codes
         that open the output."""
         window = max(1, int(self.max_duration * self.frame_rate))
         if frames <= window:
@@ -172,10 +179,11 @@ class MusicGen(nn.Module):
         if wavs is None:
             return None
         if frame_offset:
-            rate = self.chroma.extractor.sample_rate
+            rate, hop = self.chroma.extractor.sample_rate, self.chroma.extractor.hop_length
             start, length = round(frame_offset / self.frame_rate * rate), round(self.max_duration * rate)
-            positions = torch.arange(start, start + length)
-            wavs = [None if w is None else w[positions % w.shape[0]] for w in wavs]
+            samples = torch.arange(start, start + length)
+            frames = torch.arange(round(start / hop), round(start / hop) + 1 + length // hop)  # one-hot [T, 12] rows
+            wavs = [None if w is None else w[(samples if w.dim() == 1 else frames) % w.shape[0]] for w in wavs]
         return self.melody_features(wavs)
 
     # -- persistence -----------------------------------------------------------------------------

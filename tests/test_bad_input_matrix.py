@@ -13,6 +13,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import mido
 import numpy as np
 import pytest
 import soundfile as sf
@@ -27,6 +28,9 @@ def files(tmp_path_factory, tiny_musicgen_dir):
     (root / "not_audio.wav").write_text("this is not audio")
     sf.write(root / "silent.wav", np.zeros(32000, dtype=np.float32), 32000)
     sf.write(root / "hum.wav", synth_hum([60, 64, 67]), 32000)
+    no_notes = mido.MidiFile()
+    no_notes.tracks.append(mido.MidiTrack([mido.MetaMessage("set_tempo", tempo=500000)]))
+    no_notes.save(str(root / "no_notes.mid"))
     (root / "a_file").write_text("x")
     (root / "empty_dir").mkdir()
     (root / "two_prompts.txt").write_text("a waltz\na march\n")
@@ -98,6 +102,8 @@ CASES = [
     ("app", "silent melody", dict(melody="@silent.wav"), "silent"),
     ("app", "invalid sampling value", dict(temperature=0), "temperature"),
     ("app", "seed beyond 64 bits", dict(seed=2**70), "from 0 to 2**64 - 1"),
+    ("api", "MIDI melody without notes", dict(melody="@no_notes.mid"), "no notes"),
+    ("generate.py", "MIDI melody without notes", ["--text", "x", "--melody", "@no_notes.mid"], "no notes"),
 ]
 
 

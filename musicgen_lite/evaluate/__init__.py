@@ -28,6 +28,10 @@ text    Prompts that differ only in "<tonic> major" / "<tonic> minor": the outpu
         `estimate_mode` must match the prompt's (goal: 75 %); prompts that differ only in "allegro"
         / "adagio": the ratio of mean `onset_rate`s (goal: at least 1.2).
 
+pairs   Controlled prompt pairs (key, tempo), hums of new tunes by an unheard voice and a noise
+        measure, each beside its ceiling on real held-out renderings: see `musicgen_lite.evaluate.pairs`
+        (`python -m musicgen_lite.evaluate pairs --help`).
+
 The JSON report holds the run's settings ("sections", "split", "seconds", "seed", and "model", "data",
 "max_files", "skipped_silent" where they apply) and one object per section run: "codec", "lm",
 "melody", "text", each with its means, its goals and "goal_met", and the per-file or per-prompt rows.
@@ -36,6 +40,8 @@ The JSON report holds the run's settings ("sections", "split", "seconds", "seed"
     music      chroma cosine, key and mode, onset rate
     sections   the four measurements on a model
     report     running sections, the printed table
+    pairs      the controlled-pair evaluation, its ceilings and tables
+    voice      the unheard singer of pairs' hums
     cli        the command line
 
 Opus needs the ffmpeg program with libopus (Debian: apt-get install ffmpeg); without it the report

@@ -1,16 +1,24 @@
-"""`python -m musicgen_lite.evaluate`: measure a model and print (and optionally write) the report."""
+"""`python -m musicgen_lite.evaluate`: measure a model and print (and optionally write) the report.
+
+    python -m musicgen_lite.evaluate {codec,lm,melody,text,all} ...   the sections (report.py)
+    python -m musicgen_lite.evaluate pairs ...                         controlled pairs (pairs.py)
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from codebooks.audio import replacing
 
 from ..checkpoints import load_model
 from ..cli_errors import ArgumentParser, UsageError, run_command
+from ..quiet import silence_transformers
+from . import pairs
 from .report import SECTIONS, format_table, needs_data, run_sections
+
 
 def _positive(kind: type):
     def parse(text: str):
@@ -23,7 +31,9 @@ def _positive(kind: type):
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m musicgen_lite.evaluate",
-                description="Measure codec fidelity, LM cross-entropy, melody and text adherence of a model.")
+                description="Measure codec fidelity, LM cross-entropy, melody and text adherence of a model.",
+                epilog="`python -m musicgen_lite.evaluate pairs --help`: controlled prompt pairs, unheard hums "
+                       "and a noise measure, beside real renderings.")
     p.add_argument("section", choices=(*SECTIONS, "all"))
     p.add_argument("--model", required=True, help="model directory (ours or a transformers MusicGen checkpoint)")
     p.add_argument("--data", type=Path, help="data folder (audio + metadata.jsonl); needed by codec and lm")
@@ -39,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["pairs"]:
+        return pairs_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
 
@@ -53,9 +66,75 @@ def main(argv: list[str] | None = None) -> int:
                                                         args.seconds, args.prompts, args.seed)
         print(format_table(report))
         if args.out is not None:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            with replacing(args.out) as tmp:
-                tmp.write_text(json.dumps(report, indent=2) + "\n")
+            write_report(report, args.out)
         return 0
 
     return run_command(parser.prog, body, "interrupted; nothing written")
+
+
+def write_report(report: dict, out: Path) -> None:
+    """The report as JSON at `out` (its folder made if need be), written aside and renamed into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(out) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def pairs_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="python -m musicgen_lite.evaluate pairs",
+                       description="Controlled prompt pairs, unheard hums and a noise measure, beside real renderings.")
+    p.add_argument("--model", help="model directory (ours or a transformers MusicGen checkpoint)")
+    p.add_argument("--data", type=Path, help="data folder with metadata.jsonl (the held-out renderings)")
+    p.add_argument("--split", default="test", choices=("train", "valid", "test"), help="held-out split (default test)")
+    p.add_argument("--out", type=Path, help="write the report as JSON here")
+    p.add_argument("--seconds", type=_positive(float), default=8.0, help="seconds per clip and excerpt (default 8)")
+    p.add_argument("--tonics", type=_positive(int), default=8, help="tonics of the key pairs (default 8, at most 12)")
+    p.add_argument("--tempo-pairs", type=_positive(int), default=6, help="allegro/adagio pairs (default 6)")
+    p.add_argument("--hums", type=_positive(int), default=6, help="hummed tunes (default 6)")
+    p.add_argument("--max-files", type=_positive(int), default=24, help="held-out renderings for the ceilings (default 24)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tunes and of generation (default 0)")
+    p.add_argument("--compare", type=Path, nargs="+", metavar="REPORT", help="print these JSON reports side by side (markdown)")
+    p.add_argument("--names", nargs="+", help="column names for --compare (default: the file stems)")
+    return p
+
+
+def pairs_main(argv: list[str]) -> int:
+    """`python -m musicgen_lite.evaluate pairs`: run the controlled pairs, or --compare saved reports."""
+    parser = pairs_parser()
+    args = parser.parse_args(argv)
+
+    def compare() -> int:
+        names = args.names or [path.stem for path in args.compare]
+        if len(names) != len(args.compare):
+            raise UsageError(f"--names gives {len(names)} names for {len(args.compare)} reports")
+        reports = []
+        for path in args.compare:
+            try:
+                reports.append(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError) as e:
+                raise UsageError(f"cannot read report {path}: {e}") from None
+        print(pairs.markdown_table(list(zip(names, reports))))
+        return 0
+
+    def body() -> int:
+        if args.compare:
+            return compare()
+        if args.model is None or args.data is None:
+            raise UsageError("--model and --data are needed (or --compare REPORT ...)")
+        if args.tonics > len(pairs.PROMPT_TONICS):
+            raise UsageError(f"--tonics is at most {len(pairs.PROMPT_TONICS)}")
+        if not (args.data / "metadata.jsonl").is_file():
+            raise UsageError(f"{args.data} has no metadata.jsonl")
+        silence_transformers()  # no loading bars between the table and its errors
+        try:
+            model = load_model(args.model)
+        except (ValueError, FileNotFoundError) as e:
+            raise UsageError(str(e)) from None
+        report = {"model": str(args.model)} | pairs.run_pairs(model, args.data, args.split, args.seconds, args.tonics,
+                                                             args.tempo_pairs, args.hums, args.max_files, args.seed)
+        print(pairs.format_table(report))
+        if args.out is not None:
+            write_report(report, args.out)
+        return 0
+
+    return run_command(parser.prog, body, "interrupted; nothing written")
+
