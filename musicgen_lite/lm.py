@@ -15,7 +15,7 @@ slots of a pattern. Conditions reach the decoder in one of two ways:
 A batch pads its texts to the longest. Transformers places every prefix row's audio after the padded
 prefix; with `LMConditions.independent_rows` each prefix row is packed instead (its own prefix, then
 its tokens, then the padding) and steps from its own positions, and attention over padded keys goes
-through `row_invariant_attention`, so that the padding changes no bit of a row: its output is then
+through `rows.row_invariant_attention`, so that the padding changes no bit of a row: its output is then
 independent of the rest of the batch.
 
 The layer layout, the sinusoid and the projections follow MusicGen exactly (same maths as
@@ -45,6 +45,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .rows import pack_rows, row_invariant_attention
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -458,34 +460,6 @@ class TransformerLM(nn.Module):
         cache.length += t
         h = x.gather(1, last[:, None, None].expand(-1, 1, x.shape[-1]))  # [N, 1, D]
         return self._logits(self.norm(h), cache)[:, :, 0]
-
-
-KEY_BLOCK = 64  # keys are padded to a multiple of this in row_invariant_attention
-
-
-def row_invariant_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
-    """softmax(q k^T / sqrt(hd) + bias) v ([N, H, T, hd] queries, [N, H, S, hd] keys and values, an additive
-    [N or 1, 1, T or 1, S] bias that holds the dtype's lowest value at masked keys), computed so that a
-    row's result does not depend on how many masked keys trail its own: the keys are padded to a multiple
-    of KEY_BLOCK, so that vectorised reductions group a row's keys the same way whatever the padding
-    (fused attention kernels do not)."""
-    pad = -k.shape[-2] % KEY_BLOCK
-    lowest = torch.finfo(q.dtype).min
-    if bias is None:
-        bias = q.new_zeros(1, 1, 1, k.shape[-2])
-    k, v, bias = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)), F.pad(bias, (0, pad), value=lowest)
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + bias  # [N, H, T, S]
-    return torch.softmax(scores, dim=-1) @ v
-
-
-def pack_rows(prefix: Tensor, mask: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """[N, P, D] prefix with its [N, P] mask, and [N, T, D] token embeddings -> [N, P + T, D] rows that
-    hold each row's real prefix entries in order, then its tokens, then its padding; and [N] where each
-    row's tokens end. Padding at the end is never seen by a real position under causal attention."""
-    seq = torch.cat([prefix, x], dim=1)  # [N, P + T, D]
-    real = torch.cat([mask.bool(), mask.new_ones(x.shape[:2], dtype=torch.bool)], dim=1)  # [N, P + T]
-    order = torch.argsort((~real).to(torch.uint8), dim=1, stable=True)  # real entries first, in order
-    return seq.gather(1, order[..., None].expand(-1, -1, seq.shape[-1])), real.sum(1)
 
 
 def attending_rows(cross: Tensor, mask: Tensor | None) -> int:

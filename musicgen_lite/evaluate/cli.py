@@ -15,6 +15,7 @@ from codebooks.audio import replacing
 
 from ..checkpoints import load_model
 from ..cli_errors import ArgumentParser, UsageError, run_command
+from ..model import MusicGen
 from ..quiet import silence_transformers
 from . import pairs
 from .report import SECTIONS, format_table, needs_data, run_sections
@@ -58,25 +59,30 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         if needs_data(args.section) and args.data is None:  # before the (slow) model load
             raise UsageError(f"--data is needed for {' and '.join(needs_data(args.section))}")
-        try:
-            model = load_model(args.model)
-        except (ValueError, FileNotFoundError) as e:
-            raise UsageError(str(e)) from None
-        report = {"model": str(args.model)} | run_sections(args.section, model, args.data, args.split, args.max_files,
-                                                        args.seconds, args.prompts, args.seed)
-        print(format_table(report))
-        if args.out is not None:
-            write_report(report, args.out)
-        return 0
+        report = {"model": str(args.model)} | run_sections(args.section, _load(args.model), args.data, args.split,
+                                                        args.max_files, args.seconds, args.prompts, args.seed)
+        return show(report, format_table(report), args.out)
 
     return run_command(parser.prog, body, "interrupted; nothing written")
 
 
-def write_report(report: dict, out: Path) -> None:
-    """The report as JSON at `out` (its folder made if need be), written aside and renamed into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with replacing(out) as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
+def _load(model: str) -> MusicGen:
+    """load_model, its one-line errors raised as usage errors."""
+    try:
+        return load_model(model)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
+
+
+def show(report: dict, table: str, out: Path | None) -> int:
+    """Print a report's table and, given `out`, write the report there as JSON (its folder made if need
+    be), written aside and renamed into place."""
+    print(table)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(out) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
 
 
 def pairs_parser() -> argparse.ArgumentParser:
@@ -125,16 +131,10 @@ def pairs_main(argv: list[str]) -> int:
         if not (args.data / "metadata.jsonl").is_file():
             raise UsageError(f"{args.data} has no metadata.jsonl")
         silence_transformers()  # no loading bars between the table and its errors
-        try:
-            model = load_model(args.model)
-        except (ValueError, FileNotFoundError) as e:
-            raise UsageError(str(e)) from None
-        report = {"model": str(args.model)} | pairs.run_pairs(model, args.data, args.split, args.seconds, args.tonics,
-                                                             args.tempo_pairs, args.hums, args.max_files, args.seed)
-        print(pairs.format_table(report))
-        if args.out is not None:
-            write_report(report, args.out)
-        return 0
+        report = {"model": str(args.model)} | pairs.run_pairs(_load(args.model), args.data, args.split, args.seconds,
+                                                             args.tonics, args.tempo_pairs, args.hums, args.max_files,
+                                                             args.seed)
+        return show(report, pairs.format_table(report), args.out)
 
     return run_command(parser.prog, body, "interrupted; nothing written")
 
