@@ -24,6 +24,7 @@ from conditioning.melody_line import LineNote
 CONTROL_HZ = 1000  # f0 and envelopes are computed at this rate, then interpolated
 MAX_HARMONIC_HZ = 4000.0
 MAX_HARMONICS = 10  # the chroma and the ear need little above the formants
+FUNDAMENTAL_LEAD = 1.5  # the fundamental is at least this much louder than any other harmonic
 # (F1, F2, F3) in Hz of sung vowels a, o, u, e and a closed-mouth hum
 VOWELS = ((730, 1090, 2440), (570, 840, 2410), (300, 870, 2240), (530, 1840, 2480), (250, 1000, 2300))
 
@@ -114,12 +115,15 @@ def sing(line: list[LineNote], samples: int, voice: Voice, rng: np.random.Genera
     envelope = np.interp(t, t_ctrl, amp)
     phase = 2 * np.pi * np.cumsum(f0) / sample_rate
     f0_ctrl = np.interp(t_ctrl, t, f0)
+    ks = np.arange(1, min(MAX_HARMONICS, int(MAX_HARMONIC_HZ / f0.min())) + 1)[:, None]  # [K, 1]
+    gains = _formant_gain(ks * f0_ctrl, voice) * (ks * f0_ctrl < MAX_HARMONIC_HZ)  # [K, n_ctrl]
+    # a hum's fundamental carries the pitch: a formant must not lift the third harmonic (the fifth) above it
+    gains[0] = np.maximum(gains[0], FUNDAMENTAL_LEAD * gains[1:].max(axis=0, initial=0.0))
     rotor = np.exp(1j * phase)  # harmonic k is the imaginary part of rotor**k
     harmonic = np.ones(samples, dtype=np.complex128)
     voice_sum = np.zeros(samples)
-    for k in range(1, min(MAX_HARMONICS, int(MAX_HARMONIC_HZ / f0.min())) + 1):
+    for gain in gains:
         harmonic *= rotor
-        gain = _formant_gain(k * f0_ctrl, voice) * (k * f0_ctrl < MAX_HARMONIC_HZ)
         voice_sum += np.interp(t, t_ctrl, gain) * harmonic.imag
     noise = np.convolve(rng.standard_normal(samples), np.ones(8) / 8, mode="same")
     signal = envelope * (voice_sum / (np.abs(voice_sum).max() + 1e-9) + voice.breath * noise)
