@@ -12,14 +12,13 @@ models, sees the chromagram from its own start time.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from codebooks.codec import EncodecCodec
@@ -28,8 +27,10 @@ from conditioning.chroma import ChromaConditioner
 from conditioning.null import null_chroma_features, null_text
 from conditioning.text import T5Conditioner
 
+from .checksums import write_manifest
 from .lm import LMConditions, LMConfig, TransformerLM
 from .sampling import SamplingParams, generate_tokens
+from .weight_files import WeightFiles
 
 FORMAT = "musicgen_lite"
 
@@ -168,7 +169,8 @@ class MusicGen(nn.Module):
         }
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write config.json, model.safetensors (LM + projections), codec/ and text_encoder/.
+        """Write config.json, model.safetensors (LM + projections), codec/, text_encoder/ and the
+        checksums of them all (checksums.sha256).
         Everything goes to a temporary sibling directory first and is renamed into place."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +184,7 @@ class MusicGen(nn.Module):
         (tmp / "config.json").write_text(json.dumps(self.config_dict(), indent=2))
         self.codec.save_pretrained(tmp / "codec")
         self.text.save_pretrained(tmp / "text_encoder")
+        write_manifest(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, old / path.name)
@@ -191,25 +194,22 @@ class MusicGen(nn.Module):
             os.replace(tmp, path)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "MusicGen":
+    def from_pretrained(cls, path: str | Path) -> MusicGen:
         path = Path(path)
         cfg = json.loads((path / "config.json").read_text())
         if cfg.get("format") != FORMAT:
             raise ValueError(f"{path} is not a {FORMAT} model directory")
-        tensors = load_file(path / "model.safetensors")
-        lm = TransformerLM(LMConfig.from_dict(cfg["lm"]))
-        lm.load_state_dict(_strip(tensors, "lm."))
-        text = T5Conditioner.from_pretrained(path / "text_encoder", dim=lm.cfg.dim)
-        if not isinstance(text.proj, nn.Identity):
-            text.proj.load_state_dict(_strip(tensors, "text_proj."))
-        chroma = None
-        if cfg.get("chroma") is not None:
-            chroma = ChromaConditioner(dim=lm.cfg.dim, **cfg["chroma"])
-            chroma.load_state_dict(_strip(tensors, "chroma."))
+        with WeightFiles(path) as weights:  # the LM is built empty and filled, not initialised and overwritten
+            with torch.device("meta"):
+                lm = TransformerLM(LMConfig.from_dict(cfg["lm"]))
+            weights.fill(lm, {name: [f"lm.{name}"] for name in lm.state_dict()})
+            text = T5Conditioner.from_pretrained(path / "text_encoder", dim=lm.cfg.dim)
+            if not isinstance(text.proj, nn.Identity):
+                text.proj.load_state_dict(weights.state_dict("text_proj."))
+            chroma = None
+            if cfg.get("chroma") is not None:
+                chroma = ChromaConditioner(dim=lm.cfg.dim, **cfg["chroma"])
+                chroma.load_state_dict(weights.state_dict("chroma."))
         codec = EncodecCodec.from_pretrained(path / "codec", num_codebooks=lm.cfg.num_codebooks)
         model = cls(lm, codec, text, chroma, cfg["max_duration"], cfg["extend_stride"])
         return model.eval()
-
-
-def _strip(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
