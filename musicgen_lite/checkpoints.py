@@ -246,10 +246,19 @@ def _hf_module(model_class, config_class, config: dict, section: str, weights: W
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: the {section} sub-config is invalid: {_first_line(e)}") from None
     state = weights.state_dict(f"{section}.")
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()  # a part of one model: its own "Loading weights" bar says nothing
+    hf_logging.set_verbosity_error()
     try:
         model = model_class.from_pretrained(None, config=sub_config, state_dict=state, dtype=torch.float32)
     except (TypeError, ValueError, ZeroDivisionError) as e:
         raise ValueError(f"{where}: the {section} sub-config does not build a {model_class.__name__}: {_first_line(e)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     return model.eval()
 
 
