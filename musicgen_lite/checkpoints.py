@@ -11,6 +11,8 @@ weights is ever held.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
@@ -170,7 +172,8 @@ def from_transformers(path: str | Path) -> MusicGen:
             if isinstance(chroma.proj, nn.Linear):
                 chroma.proj.load_state_dict(weights.state_dict("audio_enc_to_dec_proj."))
         codec_model = _hf_module(EncodecModel, EncodecConfig, config, "audio_encoder", weights, config_file)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    with _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     text = T5Conditioner(encoder, tokenizer, dim=lm_cfg.dim, proj=text_proj)
     codec = EncodecCodec(codec_model, num_codebooks=lm_cfg.num_codebooks)
     return MusicGen(lm, codec, text, chroma).eval()
@@ -246,20 +249,28 @@ def _hf_module(model_class, config_class, config: dict, section: str, weights: W
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: the {section} sub-config is invalid: {_first_line(e)}") from None
     state = weights.state_dict(f"{section}.")
+    try:
+        with _quiet_transformers():
+            model = model_class.from_pretrained(None, config=sub_config, state_dict=state, dtype=torch.float32)
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise ValueError(f"{where}: the {section} sub-config does not build a {model_class.__name__}: {_first_line(e)}") from None
+    return model.eval()
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No loading bars or config warnings from transformers while it builds a part of one model."""
     from transformers.utils import logging as hf_logging
 
     bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()  # a part of one model: its own "Loading weights" bar says nothing
+    hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     try:
-        model = model_class.from_pretrained(None, config=sub_config, state_dict=state, dtype=torch.float32)
-    except (TypeError, ValueError, ZeroDivisionError) as e:
-        raise ValueError(f"{where}: the {section} sub-config does not build a {model_class.__name__}: {_first_line(e)}") from None
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-    return model.eval()
 
 
 def _first_line(e: BaseException) -> str:
