@@ -185,13 +185,7 @@ class MusicGen(nn.Module):
         self.codec.save_pretrained(tmp / "codec")
         self.text.save_pretrained(tmp / "text_encoder")
         write_manifest(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        move_into_place(tmp, path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> MusicGen:
@@ -213,3 +207,14 @@ class MusicGen(nn.Module):
         codec = EncodecCodec.from_pretrained(path / "codec", num_codebooks=lm.cfg.num_codebooks)
         model = cls(lm, codec, text, chroma, cfg["max_duration"], cfg["extend_stride"])
         return model.eval()
+
+
+def move_into_place(tmp: Path, path: Path) -> None:
+    """Rename the finished directory `tmp` to `path`, replacing what was there (its sibling)."""
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+        os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
