@@ -14,6 +14,7 @@ this model's tokens.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def transformers_configs(model: MusicGen):
         bos_token_id=cfg.special_token,
         tie_word_embeddings=False,
     )
-    parts = dict(text_encoder=model.text.encoder.config, audio_encoder=model.codec.model.config)
+    # copies: a composite config takes its sub-configs over (and resets their attention implementation)
+    parts = dict(text_encoder=copy.deepcopy(model.text.encoder.config), audio_encoder=copy.deepcopy(model.codec.model.config))
     if cfg.conditioning == "prefix":
         from transformers import MusicgenMelodyConfig, MusicgenMelodyDecoderConfig
 
