@@ -46,18 +46,18 @@ def _load(path: Path) -> MusicGen:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{path} is not a model directory (no config.json)")
+    verify_manifest(path)
     try:
         cfg = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{config_file} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{config_file} is not a JSON object")
+    check_files(path)
     if cfg.get("format") == FORMAT:
         check_config(cfg, config_file)
-        check_files(path)
         return _checked(path, MusicGen.from_pretrained, path)
     if cfg.get("model_type") in HF_MODEL_TYPES:
-        check_files(path)
         return _checked(path, from_transformers, path)
     raise ValueError(f"{path} holds neither a musicgen_lite model nor a transformers MusicGen checkpoint")
 
@@ -89,9 +89,7 @@ def check_config(cfg: dict, where: Path) -> None:
 
 
 def check_files(path: Path) -> None:
-    """Every file against the directory's checksums (where it has them), and the header of every
-    safetensors file against the file's size, before anything is read."""
-    verify_manifest(path)
+    """The header of every safetensors file against the file's size, before anything is read."""
     for file in sorted(path.rglob("*.safetensors")):
         SafetensorsFile(file).close()
 

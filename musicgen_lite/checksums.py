@@ -46,4 +46,7 @@ def verify_manifest(directory: str | Path) -> None:
         if not path.is_file():
             raise ValueError(f"{directory} is not a complete model directory: {name} is missing")
         if sha256(path) != digest.lower():
-            raise ValueError(f"{path} is corrupt: its sha256 differs from the one in {MANIFEST}")
+            raise ValueError(
+                f"{path} is corrupt: its sha256 differs from the one in {MANIFEST} "
+                f"(if you changed it on purpose, delete {MANIFEST} to load it unverified)"
+            )

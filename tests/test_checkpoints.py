@@ -1,18 +1,29 @@
-"""`musicgen_lite.export`: our models, trained here, decode in transformers exactly as they do in musicgen_lite."""
+"""Checkpoints in and out: transformers' directories read directly (sharded or not, no MusicGen modelling
+class), a loaded model saved and fine-tuned after it generated, and `musicgen_lite.export`: our models,
+trained here, decode in transformers exactly as they do in musicgen_lite."""
 
 from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from safetensors.torch import save_file
 
 import musicgen_lite
 from hum import synth_hum
 from musicgen_lite import train_lm
 from musicgen_lite.checkpoints import load_default_model
+from musicgen_lite.weight_files import SafetensorsFile
 from tiny_models import hf_greedy_tokens, load_hf
 
+ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["mozart sonata allegro in a bright major key with fast runs", "sad adagio", "bach chorale, organ"]
 FRAMES = 20
 
@@ -92,3 +103,73 @@ def test_export_refusals(tiny_musicgen_dir, tmp_path):
     with pytest.raises(ValueError, match="loaded in fp32"):
         musicgen_lite.export(musicgen_lite.load_model(tiny_musicgen_dir, precision="int8"), tmp_path / "x")
     assert not list(tmp_path.iterdir())
+
+
+# -- loading ----------------------------------------------------------------------------------------
+
+
+def test_loading_builds_no_transformers_musicgen_class(tiny_musicgen_dir, tiny_melody_dir):
+    code = (
+        "import sys, musicgen_lite\n"
+        f"for d in {[str(tiny_musicgen_dir), str(tiny_melody_dir)]!r}:\n"
+        "    musicgen_lite.generate('x', duration=0.1, model=musicgen_lite.load_model(d), top_k=1)\n"
+        "def modelling():\n"
+        "    return sorted(m for m in sys.modules if m.startswith('transformers.models.musicgen') and '.modeling' in m)\n"
+        "print(modelling())\n"
+        "from transformers import MusicgenForConditionalGeneration\n"
+        "print(modelling())\n"  # the check sees such an import when there is one
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    after_loading, after_import = out.strip().splitlines()
+    assert after_loading == "[]"
+    assert "transformers.models.musicgen.modeling_musicgen" in after_import
+
+
+def test_a_sharded_checkpoint_loads_like_the_single_file(tiny_melody_dir, tmp_path):
+    hf, tokenizer = load_hf(tiny_melody_dir)
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="40KB")
+    tokenizer.save_pretrained(sharded)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2 and not (sharded / "model.safetensors").exists()
+    a = musicgen_lite.generate(PROMPTS, duration=0.3, model=musicgen_lite.load_model(sharded), top_k=1)
+    b = musicgen_lite.generate(PROMPTS, duration=0.3, model=musicgen_lite.load_model(tiny_melody_dir), top_k=1)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    shard = sharded / sorted(set(index["weight_map"].values()))[1]
+    shard.unlink()
+    with pytest.raises(ValueError, match=f"shard {shard.name} is missing"):
+        musicgen_lite.load_model(sharded)
+
+
+def test_weights_are_read_in_any_float_dtype(tmp_path):
+    half = torch.randn(5, 3).half()
+    save_file({"w": half}, tmp_path / "w.safetensors")
+    out = torch.empty(5, 3)
+    SafetensorsFile(tmp_path / "w.safetensors").read_into("w", out)
+    assert torch.equal(out, half.float())
+
+
+def test_a_model_that_generated_saves_and_fine_tunes(tiny_musicgen_dir, data_dir, tmp_path):
+    model = musicgen_lite.load_model(tiny_musicgen_dir)
+    before = musicgen_lite.generate(PROMPTS, duration=0.2, model=model, top_k=1)  # packs its step weights
+    model.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "checksums.sha256").is_file()
+    again = musicgen_lite.generate(PROMPTS, duration=0.2, model=musicgen_lite.load_model(tmp_path / "saved"), top_k=1)
+    np.testing.assert_array_equal(before.tokens, again.tokens)
+    run = tmp_path / "run"
+    fast = ["--segment-seconds", "0.5", "--batch-size", "4", "--num-workers", "0", "--max-steps", "2"]
+    assert train_lm.main(["--data", str(data_dir), "--out", str(run), "--model", str(tmp_path / "saved"), *fast]) == 0
+    tuned = musicgen_lite.load_model(run)
+    assert not torch.equal(tuned.lm.heads.weight, model.lm.heads.weight)
+
+
+def test_a_flipped_byte_in_any_file_of_an_own_model_is_caught(tiny_musicgen_dir, tmp_path):
+    musicgen_lite.load_model(tiny_musicgen_dir).save_pretrained(tmp_path / "saved")
+    for name in ("codec/model.safetensors", "text_encoder/model.safetensors", "config.json"):
+        broken = tmp_path / name.replace("/", "_")
+        shutil.copytree(tmp_path / "saved", broken)
+        data = bytearray((broken / name).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (broken / name).write_bytes(bytes(data))
+        with pytest.raises(ValueError, match=f"{name} is corrupt: its sha256 differs"):
+            musicgen_lite.load_model(broken)
