@@ -73,9 +73,10 @@ class SafetensorsFile:
         source = torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // itemsize, offset=self.start + begin)
         with torch.no_grad():
             out.copy_(source.view(shape))
-        page = mmap.PAGESIZE
-        first, last = (self.start + begin) // page * page, -(-(self.start + end) // page) * page
-        self._map.madvise(mmap.MADV_DONTNEED, first, min(last, len(self._map)) - first)
+        if hasattr(mmap, "MADV_DONTNEED"):  # the pages read are clean: dropping them costs nothing
+            page = mmap.PAGESIZE
+            first, last = (self.start + begin) // page * page, -(-(self.start + end) // page) * page
+            self._map.madvise(mmap.MADV_DONTNEED, first, min(last, len(self._map)) - first)
 
     def tensor(self, name: str) -> Tensor:
         """A fresh tensor holding `name`, in the file's dtype."""
