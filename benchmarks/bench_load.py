@@ -122,7 +122,7 @@ def build_checkpoint(path: Path) -> Path:
 
 
 def vm(field: str) -> float:
-    """A memory field of /proc/self/status (VmHWM, VmRSS) in GB."""
+    """A memory field of /proc/self/status (VmHWM, VmRSS) in GiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024**2
@@ -175,8 +175,8 @@ def main() -> None:
     path = CACHE_DIR  # built in a process of its own, which hands its memory back when it ends
     subprocess.run([sys.executable, __file__, "--worker", "build", str(path)], check=True)
     size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1024**3
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; checkpoint {path}: {size:.2f} GB of safetensors")
-    print(f"{'':14s} {'load s':>7s} {'loading peak GB':>16s} {'after loading GB':>17s} {'generating peak GB':>19s} "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; checkpoint {path}: {size:.2f} GiB of safetensors")
+    print(f"{'':14s} {'load s':>7s} {'loading peak GiB':>16s} {'after loading GiB':>17s} {'generating peak GiB':>19s} "
           f"{'s per audio s':>14s}  load average")
     for side in ["musicgen_lite"] + (["transformers"] if args.transformers else []):
         before = "/".join(f"{x:.1f}" for x in os.getloadavg())
