@@ -50,6 +50,11 @@ class PackingParameters(dict):
             self.packed = None  # a new weight replaces the packed one
         dict.__setitem__(self, name, value)
 
+    def __delitem__(self, name: str) -> None:
+        if name == "weight":
+            self.packed = None
+        dict.__delitem__(self, name)
+
     def __reduce__(self):  # a copy or a pickle holds the plain weights
         return PackingParameters, (dict(self.items()),)
 
