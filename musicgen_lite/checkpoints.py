@@ -19,6 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+try:
+    from huggingface_hub.errors import StrictDataclassError  # how transformers 5 configs refuse a mistyped field
+except ImportError:  # older huggingface_hub: transformers 4 configs raise TypeError
+    StrictDataclassError = TypeError
+
 from codebooks.codec import EncodecCodec
 from conditioning.chroma import ChromaConditioner
 from conditioning.text import T5Conditioner
@@ -130,11 +135,13 @@ def resolve_model_path(path_or_id: str | Path) -> Path:
 
 
 def _checked(path: Path, loader, *args) -> MusicGen:
-    """Turn the many ways an incomplete directory fails into one clear error."""
+    """Turn the many ways an incomplete directory or a mistyped sub-config fails into one clear error."""
     try:
         return loader(*args)
     except (OSError, KeyError, RuntimeError) as e:
         raise ValueError(f"{path} is not a complete model directory: {_first_line(e)}") from None
+    except (TypeError, StrictDataclassError) as e:  # transformers' configs check their own fields' types
+        raise ValueError(f"{path}: a config.json holds a value of the wrong type: {_one_line(e)}") from None
 
 
 def from_transformers(path: str | Path) -> MusicGen:
@@ -244,8 +251,8 @@ def _hf_module(model_class, config_class, config: dict, section: str, weights: W
     """A transformers model (T5 encoder, EnCodec) from a sub-config and the checkpoint's `section.` tensors."""
     try:
         sub_config = config_class.from_dict(config[section])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: the {section} sub-config is invalid: {_first_line(e)}") from None
+    except (TypeError, ValueError, StrictDataclassError) as e:
+        raise ValueError(f"{where}: the {section} sub-config is invalid: {_one_line(e)}") from None
     state = weights.state_dict(f"{section}.")
     try:
         with _quiet_transformers():
@@ -274,3 +281,7 @@ def _quiet_transformers() -> Iterator[None]:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__

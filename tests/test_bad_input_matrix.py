@@ -89,6 +89,8 @@ CASES = [
         ("flipped_data", "own model with a flipped weight byte (checksum)", "corrupt"),
         ("mistyped_config", "own config.json with a mistyped value", "num_heads"),
         ("mistyped_hf_config", "transformers config.json with a mistyped value", "num_attention_heads"),
+        ("mistyped_codec_config", "own codec/config.json with a mistyped value", "hidden_size"),
+        ("mistyped_hf_subconfig", "transformers text_encoder sub-config with a mistyped value", "d_model"),
     ]
     for row in [
         ("api", case, dict(model=f"@{name}"), message),
@@ -124,15 +126,18 @@ def broken_models(root, tiny_musicgen_dir) -> None:
     data = bytearray(weights.read_bytes())
     data[-100] ^= 0x01  # a valid file still: only the checksum can tell
     weights.write_bytes(bytes(data))
-    config = copy(own, "mistyped_config") / "config.json"
-    (config.parent / "checksums.sha256").unlink()  # as a config edited by hand and its checksums dropped
-    values = json.loads(config.read_text())
-    values["lm"]["num_heads"] = "four"
-    config.write_text(json.dumps(values))
-    config = copy(tiny_musicgen_dir, "mistyped_hf_config") / "config.json"
-    values = json.loads(config.read_text())
-    values["decoder"]["num_attention_heads"] = "four"
-    config.write_text(json.dumps(values))
+    for source, name, file, section, key in [
+        (own, "mistyped_config", "config.json", "lm", "num_heads"),
+        (own, "mistyped_codec_config", "codec/config.json", None, "hidden_size"),
+        (tiny_musicgen_dir, "mistyped_hf_config", "config.json", "decoder", "num_attention_heads"),
+        (tiny_musicgen_dir, "mistyped_hf_subconfig", "config.json", "text_encoder", "d_model"),
+    ]:
+        directory = copy(source, name)
+        if source == own:  # as a config edited by hand, its checksums dropped
+            (directory / "checksums.sha256").unlink()
+        values = json.loads((directory / file).read_text())
+        (values[section] if section else values)[key] = "four"
+        (directory / file).write_text(json.dumps(values))
 
 
 def _resolve(args: list[str], root) -> list[str]:
