@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-try:
-    from huggingface_hub.errors import StrictDataclassError  # how transformers 5 configs refuse a mistyped field
+try:  # how transformers 5 configs refuse a mistyped field
+    from huggingface_hub.errors import StrictDataclassError
 except ImportError:  # older huggingface_hub: transformers 4 configs raise TypeError
     StrictDataclassError = TypeError
 
