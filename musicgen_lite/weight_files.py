@@ -178,6 +178,14 @@ class WeightFiles:
         on the meta device gets its storage here, uninitialised, and is filled in place."""
         if any(t.is_meta for t in module.state_dict().values()):
             module.to_empty(device="cpu")
+            stray = [  # what a module built on meta holds outside its state_dict would stay meta, or garbage
+                f"{prefix}.{name}".lstrip(".")
+                for prefix, m in module.named_modules()
+                for name in [*m._non_persistent_buffers_set,
+                             *(n for n, v in vars(m).items() if isinstance(v, Tensor) and v.is_meta and v.numel())]
+            ]
+            if stray:
+                raise AssertionError(f"{type(module).__name__}.{stray[0]} is not in its state_dict; it cannot be built empty")
         for name, target in module.state_dict(keep_vars=True).items():
             parts = sources[name]
             rows = [self.shape(part)[0] if self.shape(part) else 1 for part in parts]

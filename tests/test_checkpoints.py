@@ -173,3 +173,19 @@ def test_a_flipped_byte_in_any_file_of_an_own_model_is_caught(tiny_musicgen_dir,
         (broken / name).write_bytes(bytes(data))
         with pytest.raises(ValueError, match=f"{name} is corrupt: its sha256 differs"):
             musicgen_lite.load_model(broken)
+
+
+def test_a_module_built_empty_must_hold_nothing_outside_its_state_dict(tmp_path):
+    """Filling a module built on the meta device gives every state_dict tensor its values; a tensor
+    outside the state_dict (a precomputed table, say) would be left meta or uninitialised, so it is refused."""
+    from musicgen_lite.weight_files import WeightFiles
+
+    save_file({"w": torch.randn(4, 3)}, tmp_path / "model.safetensors")
+    with torch.device("meta"):
+        plain, stray = torch.nn.Linear(3, 4, bias=False), torch.nn.Linear(3, 4, bias=False)
+        stray.register_buffer("table", torch.ones(3), persistent=False)
+    with WeightFiles(tmp_path) as weights:
+        weights.fill(plain, {"weight": ["w"]})
+        assert torch.equal(plain.weight, weights.tensor("w"))
+        with pytest.raises(AssertionError, match="table is not in its state_dict"):
+            weights.fill(stray, {"weight": ["w"]})
