@@ -40,7 +40,7 @@ class Generator:
         self._dir = tempfile.TemporaryDirectory(prefix="musicgen_lite_app_")
         self._count = 0
 
-    def __call__(self, text, melody, duration, top_k, top_p, temperature, cfg, seed) -> tuple[str, str]:
+    def __call__(self, text, melody, duration, top_k, top_p, temperature, cfg_coef, seed) -> tuple[str, str]:
         try:
             wav = None if melody is None else load_melody(melody, target_sample_rate=MELODY_RATE).numpy()
             result = generate(
@@ -52,7 +52,7 @@ class Generator:
                 top_k=int(top_k),
                 top_p=float(top_p),
                 temperature=float(temperature),
-                cfg_coef=float(cfg),
+                cfg_coef=float(cfg_coef),
                 seed=None if seed is None or seed < 0 else int(seed),
             )
             audio = normalize_loudness(result.audio[0], result.sample_rate, target=LOUDNESS)
@@ -87,7 +87,7 @@ def build_app(model: str | None) -> gr.Blocks:
                     top_k = gr.Slider(1, 1000, value=250, step=1, label="Top-k (1 = greedy)", elem_id="top_k")
                     top_p = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Top-p (0 = off)", elem_id="top_p")
                     temperature = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="Temperature", elem_id="temperature")
-                    cfg = gr.Slider(0.0, 10.0, value=3.0, step=0.1, label="Guidance (cfg)", elem_id="cfg")
+                    cfg_coef = gr.Slider(1.0, 10.0, value=3.0, step=0.1, label="Guidance (1 = off)", elem_id="cfg")
                     seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id="seed")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
@@ -95,7 +95,7 @@ def build_app(model: str | None) -> gr.Blocks:
                 picture = gr.Image(label="Waveform, spectrogram, chromagrams", show_label=False, type="filepath", interactive=False, elem_id="plot")
         button.click(
             Generator(model),
-            inputs=[text, melody, duration, top_k, top_p, temperature, cfg, seed],
+            inputs=[text, melody, duration, top_k, top_p, temperature, cfg_coef, seed],
             outputs=[audio, picture],
         )
     return page

@@ -8,8 +8,8 @@ import importlib
 import sys
 
 COMMANDS = {
-    "lm": ("musicgen_lite.train_lm", "train or fine-tune the MusicGen language model on a folder of audio"),
-    "codec": ("codebooks.train_codec", "train an EnCodec-style codec (written as a transformers EncodecModel)"),
+    "lm": ("musicgen_lite.training.lm", "train or fine-tune the MusicGen language model on a folder of audio"),
+    "codec": ("musicgen_lite.training.codec", "train an EnCodec-style codec (written as a transformers EncodecModel)"),
 }
 USAGE = "usage: train.py {lm,codec} [options]"
 

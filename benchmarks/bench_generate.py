@@ -147,7 +147,7 @@ def step_bytes(lm, precision: str, steps: int, text_length: int) -> float:
     per_layer = 3 * d * d + d * d + 2 * d * cfg.ffn_dim  # self qkv + out, fc1, fc2
     if cfg.conditioning == "cross":
         per_layer += 2 * d * d  # cross q + out
-    weights = (layers * per_layer + cfg.num_codebooks * cfg.card * d) * BYTES[precision]
+    weights = (layers * per_layer + cfg.num_codebooks * cfg.codebook_size * d) * BYTES[precision]
     act = 2 if precision == "bf16" else 4
     small = (layers * 3 + 1) * 2 * d * act + 2 * cfg.num_codebooks * d * act  # norms, embedding rows
     cross = layers * 2 * text_length * d * act
@@ -226,13 +226,13 @@ def vm(field: str) -> float:
 def memory_worker(name: str, path: Path, seconds: float, decode_threads: int | None) -> None:
     if name == "transformers":
         hf, tokenizer = load_hf(path)
-        run = lambda: hf_generate(hf, tokenizer, seconds, 0)
+        run = lambda: hf_generate(hf, tokenizer, seconds, 0)  # noqa: E731
     else:
         import musicgen_lite
 
         model = musicgen_lite.load_model(path, precision=name.split()[-1])
         model.lm.decode_threads = decode_threads or model.lm.decode_threads
-        run = lambda: ours_generate(model, seconds, 0)
+        run = lambda: ours_generate(model, seconds, 0)  # noqa: E731
     gc.collect()
     loading_peak, loaded, loaded_file = vm("VmHWM"), vm("VmRSS"), vm("RssFile")
     try:

@@ -32,7 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench_generate import text_and_codec_configs
+from bench_generate import text_and_codec_configs  # noqa: E402  (benchmarks/ is on the path when run as a script)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

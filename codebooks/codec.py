@@ -27,9 +27,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import julius
 import torch
 from transformers import EncodecConfig, EncodecModel
+
+from codebooks.audio import resample
 
 
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -117,7 +118,7 @@ class EncodecCodec(torch.nn.Module):
         return self._num_codebooks
 
     @property
-    def cardinality(self) -> int:
+    def codebook_size(self) -> int:
         return self.model.config.codebook_size
 
     def _prepare(self, wav: torch.Tensor, sample_rate: int | None) -> torch.Tensor:
@@ -147,8 +148,7 @@ class EncodecCodec(torch.nn.Module):
                 wav = wav.expand(-1, self.channels, -1)
             else:
                 raise ValueError(f"cannot map {channels}-channel audio to a {self.channels}-channel codec")
-        if sample_rate != self.sample_rate:
-            wav = julius.resample_frac(wav, sample_rate, self.sample_rate)
+        wav = resample(wav, sample_rate, self.sample_rate)
         if wav.shape[-1] == 0:
             raise ValueError(f"audio is too short to resample from {sample_rate} Hz to {self.sample_rate} Hz")
         return wav
@@ -173,9 +173,9 @@ class EncodecCodec(torch.nn.Module):
             raise ValueError(f"codes must be [B, {self.num_codebooks}, T], got shape {tuple(codes.shape)}")
         if codes.numel() == 0:
             raise ValueError(f"codes are empty (shape {tuple(codes.shape)})")
-        if codes.min() < 0 or codes.max() >= self.cardinality:
+        if codes.min() < 0 or codes.max() >= self.codebook_size:
             raise ValueError(
-                f"codes must lie in [0, {self.cardinality}), got range [{codes.min().item()}, {codes.max().item()}]"
+                f"codes must lie in [0, {self.codebook_size}), got range [{codes.min().item()}, {codes.max().item()}]"
             )
         device = next(self.model.parameters()).device
         with _eval_mode(self.model):

@@ -12,7 +12,8 @@ the recording. The definition follows transformers'
       -> max-normalised per frame -> one-hot argmax
 
 The projected features are tiled/truncated to a fixed `chroma_length` and
-prepended to the text embeddings that the LM cross-attends to.
+prepended to the text embeddings: the prefix a melody LM reads before its codes
+(MusicGen-Melody has no cross-attention).
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import julius
 import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.audio_utils import chroma_filter_bank
+
+from codebooks.audio import read_audio, resample
+from conditioning.null import null_chroma_features
 
 MIN_PEAK = 1e-4  # below this the melody is treated as silence
 MIN_SECONDS = 4096 / 32000  # one chroma hop at 32 kHz
@@ -119,12 +122,12 @@ def load_melody(
         if not path.is_file():
             raise FileNotFoundError(f"melody file not found: {path}")
         try:
-            data, file_rate = sf.read(str(path), dtype="float32", always_2d=True)  # [N, C]
+            data, file_rate = read_audio(path)  # [C, N]
         except sf.SoundFileError as error:
             raise ValueError(f"{path} is not an audio file soundfile can read ({error})") from None
         if sample_rate is not None and sample_rate != file_rate:
             raise ValueError(f"sample_rate={sample_rate} but {path} is sampled at {file_rate} Hz")
-        wav = torch.from_numpy(data.T.copy())  # [C, N]
+        wav = torch.from_numpy(data)  # [C, N]
         sample_rate = file_rate
     elif isinstance(melody, (np.ndarray, Tensor)):
         if sample_rate is None:
@@ -140,8 +143,7 @@ def load_melody(
     wav = _to_mono(wav.detach().cpu().float())  # [N]
     if not torch.isfinite(wav).all():
         raise ValueError("melody contains NaN or infinite samples")
-    if sample_rate != target_sample_rate:
-        wav = julius.resample_frac(wav, sample_rate, target_sample_rate)
+    wav = resample(wav, sample_rate, target_sample_rate)
     min_samples = math.ceil(MIN_SECONDS * target_sample_rate)
     if wav.shape[-1] < min_samples:
         raise ValueError(
@@ -193,9 +195,7 @@ class ChromaConditioner(nn.Module):
         """
         if device is None:
             device = next(self.parameters(), torch.empty(0)).device
-        features = torch.zeros(batch, frames, self.num_chroma, device=device)
-        features[..., 0] = 1.0
-        return features
+        return null_chroma_features(torch.zeros(batch, frames, self.num_chroma, device=device))
 
     def forward(self, features: Tensor) -> Tensor:
         if features.dim() != 3 or features.shape[1] == 0 or features.shape[-1] != self.num_chroma:

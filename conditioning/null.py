@@ -46,8 +46,9 @@ def drop_conditions(
     rand_device = generator.device if generator is not None else emb.device
     drop = torch.rand(emb.shape[0], generator=generator, device=rand_device) < p  # [B]
     drop = drop.to(emb.device)
-    emb = torch.where(drop[:, None, None], torch.zeros_like(emb), emb)
-    mask = torch.where(drop[:, None], torch.zeros_like(mask), mask)
+    null_emb, null_mask = null_text(emb, mask)
+    emb = torch.where(drop[:, None, None], null_emb, emb)
+    mask = torch.where(drop[:, None], null_mask, mask)
     if features is not None:
         features = torch.where(drop.to(features.device)[:, None, None], null_chroma_features(features), features)
     return emb, mask, features

@@ -1,4 +1,4 @@
-"""Text conditioning: a T5 encoder whose hidden states the LM cross-attends to.
+"""Text conditioning: a T5 encoder whose hidden states condition the LM (cross-attention or a prefix).
 
 MusicGen encodes the caption with a frozen T5 encoder, projects the hidden
 states to the LM width (only when the widths differ) and zeroes the padded

@@ -158,16 +158,16 @@ def generate(
     """
     texts, duration, params, melodies = check_request(text, duration, top_k, top_p, temperature, cfg_coef, melody)
     generators = _generators(seed, len(texts))
-    lm_model = get_model(model)
+    musicgen = get_model(model)
     wavs = None
     if melodies is not None:
-        if not lm_model.has_melody:
+        if not musicgen.has_melody:
             raise ValueError("this model has no melody conditioning; use a MusicGen-Melody-style model")
-        rate = lm_model.chroma.extractor.sample_rate
+        rate = musicgen.chroma.extractor.sample_rate
         wavs = [load_melody(m, melody_sample_rate, rate) for m in melodies]
-    frames = max(1, round(duration * lm_model.frame_rate))
-    tokens = lm_model.generate_tokens(texts, frames, params, generators, melody=wavs, progress=progress)
-    return _result(lm_model, tokens, texts)
+    frames = max(1, round(duration * musicgen.frame_rate))
+    tokens = musicgen.generate_tokens(texts, frames, params, generators, melody=wavs, progress=progress)
+    return _result(musicgen, tokens, texts)
 
 
 def generate_continuation(
@@ -198,11 +198,11 @@ def generate_continuation(
         raise ValueError(f"prompt_audio must be [samples], [channels, samples] or [B, channels, samples], got {tuple(wav.shape)}")
     texts, rows = _broadcast(texts, list(wav), "prompts")
     wav = torch.stack(rows)
-    lm_model = get_model(model)
-    prompt = lm_model.codec.encode(wav, prompt_sample_rate)  # [B, K, P]
-    frames = max(1, round(duration * lm_model.frame_rate))
+    musicgen = get_model(model)
+    prompt = musicgen.codec.encode(wav, prompt_sample_rate)  # [B, K, P]
+    frames = max(1, round(duration * musicgen.frame_rate))
     if prompt.shape[-1] >= frames:
-        raise ValueError(f"the prompt ({prompt.shape[-1] / lm_model.frame_rate:.2f} s) is not shorter than duration {duration} s")
+        raise ValueError(f"the prompt ({prompt.shape[-1] / musicgen.frame_rate:.2f} s) is not shorter than duration {duration} s")
     generators = _generators(seed, len(texts))
-    tokens = lm_model.generate_tokens(texts, frames, params, generators, prompt=prompt, progress=progress)
-    return _result(lm_model, tokens, texts)
+    tokens = musicgen.generate_tokens(texts, frames, params, generators, prompt=prompt, progress=progress)
+    return _result(musicgen, tokens, texts)

@@ -2,7 +2,8 @@
 
     DIR/**/*.{wav,flac,ogg,mp3}        any layout, searched recursively
     DIR/**/name.txt                    optional caption beside name.wav
-    DIR/metadata.jsonl                 optional {"path": "rel/name.wav", "text": ..., "split": ...} lines
+    DIR/metadata.jsonl                 optional {"path": "rel/name.wav", "text": ..., "split": ...,
+                                                 "melody": "rel/hum.wav"} lines
 
 A caption comes from metadata.jsonl when it has one for the file, else from the sidecar .txt;
 a file with neither is an unconditional example. The split (train / valid / test) is the
@@ -13,7 +14,8 @@ The codes (and, for melody models, the per-frame argmax pitch class of the chrom
 one file per audio file, keyed on the codec's weights and the file's path, size and mtime:
 
     cache/tokens/<key>.pt   {"codes": [LongTensor [K, T] as int16, one per chunk]} or {"error": why}
-    cache/chroma/<key>.pt   {"chroma": [ByteTensor [frames], one per chunk]}
+    cache/chroma/<key>.pt   {"chroma": [ByteTensor [frames], one per chunk], "melody": [the same, of the
+                             file's melody track (metadata "melody"), when it has one]}
 
 A file soundfile cannot read is recorded as an error entry (so it is reported, not re-read, until
 it changes) and skipped.
@@ -24,25 +26,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
-import julius
-import soundfile as sf
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from codebooks.audio import READ_ERRORS, read_chunks, resample, save_torch
 from codebooks.codec import EncodecCodec
 from conditioning.chroma import ChromaExtractor
+
+from .checkpoints import state_digest
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 METADATA_FILE = "metadata.jsonl"
 SPLIT_NAMES = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid", "test": "test"}
-READ_ERRORS = (sf.SoundFileError, RuntimeError, ValueError, OSError, EOFError)
 
 
 class DataError(ValueError):
@@ -55,25 +54,33 @@ class AudioFile:
     rel: str  # path relative to the data folder, '/'-separated
     caption: str | None  # None: unconditional example
     split: str  # "train" | "valid" | "test"
+    melody: Path | None = None  # a hummed melody track of the same length (metadata "melody"), for melody models
 
 
 @dataclass
 class Clip:
     """One chunk of one file, as tokens: codes [K, T] (int16/int32) and, for melody models,
-    the argmax pitch class of every chroma frame [frames] (uint8)."""
+    the argmax pitch class of every chroma frame [frames] (uint8), of the mix and of the melody track."""
 
     file: AudioFile
     codes: Tensor
     chroma: Tensor | None
+    melody: Tensor | None = None  # [frames] uint8, when the file has a melody track
 
     @property
     def frames(self) -> int:
         return self.codes.shape[-1]
 
 
+def stable_hash(key: str) -> int:
+    """A 32-bit number from the sha1 of `key`: the same on every machine and in every run (unlike hash()),
+    which is what assigns a file or a work to its split."""
+    return int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:8], 16)
+
+
 def hash_split(rel: str, valid_fraction: float) -> str:
     """'valid' for about `valid_fraction` of paths, 'train' for the rest; a pure function of the path."""
-    bucket = int(hashlib.sha1(rel.encode("utf-8")).hexdigest()[:8], 16) / 16**8  # uniform in [0, 1)
+    bucket = stable_hash(rel) / 16**8  # uniform in [0, 1)
     return "valid" if bucket < valid_fraction else "train"
 
 
@@ -105,9 +112,12 @@ def scan(data_dir: str | Path, valid_fraction: float = 0.05) -> list[AudioFile]:
     if not data_dir.is_dir():
         raise DataError(f"data folder {data_dir} does not exist")
     metadata = read_metadata(data_dir)
+    tracks = {Path(r["melody"]).as_posix() for r in metadata.values() if isinstance(r.get("melody"), str)}
     files = []
     for path in sorted(p for p in data_dir.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()):
         rel = path.relative_to(data_dir).as_posix()
+        if rel in tracks:
+            continue  # a melody track is a condition, not training audio
         row = metadata.get(rel, {})
         caption = row.get("text") if isinstance(row.get("text"), str) else None
         sidecar = path.with_suffix(".txt")
@@ -115,25 +125,11 @@ def scan(data_dir: str | Path, valid_fraction: float = 0.05) -> list[AudioFile]:
             caption = sidecar.read_text(encoding="utf-8", errors="replace")
         caption = " ".join(caption.split()) if caption else None
         split = SPLIT_NAMES[row["split"]] if row.get("split") else hash_split(rel, valid_fraction)
-        files.append(AudioFile(path, rel, caption or None, split))
+        melody = data_dir / row["melody"] if isinstance(row.get("melody"), str) else None
+        files.append(AudioFile(path, rel, caption or None, split, melody if melody and melody.is_file() else None))
     if not files:
         raise DataError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {data_dir}")
     return files
-
-
-def read_chunks(path: Path, chunk_seconds: float) -> Iterator[tuple[Tensor, int, int]]:
-    """(wav [C, N] float32, sample rate, number of chunks) for consecutive chunks of at most
-    `chunk_seconds`; raises one of READ_ERRORS for a file that cannot be read."""
-    with sf.SoundFile(str(path)) as f:
-        if f.frames <= 0:
-            raise ValueError("no audio samples")
-        size = max(1, int(chunk_seconds * f.samplerate))
-        count = math.ceil(f.frames / size)
-        for _ in range(count):
-            data = f.read(size, dtype="float32", always_2d=True)  # [N, C]
-            if data.shape[0] == 0:
-                raise ValueError("file ends before its header says")
-            yield torch.from_numpy(data.T.copy()), f.samplerate, count
 
 
 class _ChunkReader(IterableDataset):
@@ -167,23 +163,8 @@ def one_line(error: BaseException) -> str:
 def codec_fingerprint(codec: EncodecCodec) -> str:
     """sha256 of the codec's config, codebook count and every weight: the part of a cache key that says
     "these tokens came from this codec"."""
-    h = hashlib.sha256(codec.model.config.to_json_string().encode())
-    h.update(str(codec.num_codebooks).encode())
-    for name, tensor in sorted(codec.model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _save_atomic(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    header = codec.model.config.to_json_string().encode() + str(codec.num_codebooks).encode()
+    return state_digest(codec.model.state_dict(), header)
 
 
 class TokenCache:
@@ -215,7 +196,8 @@ class TokenCache:
         return self.root / "tokens" / f"{key}.pt"
 
     def chroma_path(self, file: AudioFile) -> Path:
-        key = hashlib.sha256(f"{self.chroma_key}|{self._file_key(file)}".encode()).hexdigest()[:32]
+        track = "" if file.melody is None else f"|melody:{self._file_key(replace(file, path=file.melody))}"
+        key = hashlib.sha256(f"{self.chroma_key}|{self._file_key(file)}{track}".encode()).hexdigest()[:32]
         return self.root / "chroma" / f"{key}.pt"
 
     def _missing(self, file: AudioFile) -> bool:
@@ -247,7 +229,7 @@ class TokenCache:
             if error is not None:
                 failed.add(index)
                 pending.pop(index, None)
-                _save_atomic({"error": error}, self.token_path(file))
+                save_torch({"error": error}, self.token_path(file))
                 continue
             parts = pending.setdefault(index, ([], []))
             parts[0].append(codes)
@@ -255,22 +237,36 @@ class TokenCache:
             if chunk == count - 1:
                 codes_list, chroma_list = pending.pop(index)
                 if self.chroma is not None:
-                    _save_atomic({"chroma": chroma_list}, self.chroma_path(file))
-                _save_atomic({"codes": codes_list}, self.token_path(file))
+                    entry = {"chroma": chroma_list}
+                    if file.melody is not None:
+                        try:
+                            entry["melody"] = self._track_chroma(file.melody)
+                        except READ_ERRORS as e:
+                            save_torch({"error": f"melody track: {one_line(e)}"}, self.token_path(file))
+                            continue
+                    save_torch(entry, self.chroma_path(file))
+                save_torch({"codes": codes_list}, self.token_path(file))
         return len(todo)
 
     def _encode(self, wav: Tensor, rate: int) -> tuple[Tensor, Tensor | None]:
         """wav [C, N] at `rate` -> codes [K, T] (int16 when they fit) and argmax chroma [frames] (uint8)."""
         codes = self.codec.encode(wav[None], sample_rate=rate)[0].cpu()  # [K, T]
-        codes = codes.to(torch.int16 if self.codec.cardinality <= torch.iinfo(torch.int16).max else torch.int32)
+        codes = codes.to(torch.int16 if self.codec.codebook_size <= torch.iinfo(torch.int16).max else torch.int32)
         if self.chroma is None:
             return codes, None
         device = next(self.codec.parameters()).device
         mono = wav.to(device).mean(dim=0)  # [N]
-        if rate != self.chroma.sample_rate:
-            mono = julius.resample_frac(mono, rate, self.chroma.sample_rate)
-        pitch = self.chroma(mono[None])[0].argmax(dim=-1)  # [frames]
-        return codes, pitch.to(torch.uint8).cpu()
+        return codes, self._pitch_classes(mono, rate)
+
+    def _pitch_classes(self, mono: Tensor, rate: int) -> Tensor:
+        """mono [N] at `rate` -> argmax chroma [frames] (uint8)."""
+        mono = resample(mono, rate, self.chroma.sample_rate)
+        return self.chroma(mono[None])[0].argmax(dim=-1).to(torch.uint8).cpu()  # [frames]
+
+    def _track_chroma(self, path: Path) -> list[Tensor]:
+        """Argmax chroma of a melody track, chunked like its audio file."""
+        device = next(self.codec.parameters()).device
+        return [self._pitch_classes(wav.to(device).mean(dim=0), rate) for wav, rate, _ in read_chunks(path, self.chunk_seconds)]
 
     def load(self, files: list[AudioFile]) -> tuple[list[Clip], list[tuple[AudioFile, str]]]:
         """Clips of every readable file (one per chunk) and the (file, reason) of every skipped one."""
@@ -283,19 +279,21 @@ class TokenCache:
             if "error" in entry:
                 skipped.append((file, entry["error"]))
                 continue
-            chroma = torch.load(self.chroma_path(file), weights_only=True)["chroma"] if self.chroma is not None else None
+            chroma = torch.load(self.chroma_path(file), weights_only=True) if self.chroma is not None else {}
+            mix, track = chroma.get("chroma"), chroma.get("melody")
             for i, codes in enumerate(entry["codes"]):
-                clips.append(Clip(file, codes, None if chroma is None else chroma[i]))
+                clips.append(Clip(file, codes, None if mix is None else mix[i], None if track is None else track[i]))
         return clips, skipped
 
 
-def chroma_span(clip: Clip, start: int, frame_rate: float, chroma_rate: float, length: int) -> Tensor:
+def chroma_span(clip: Clip, start: int, frame_rate: float, chroma_rate: float, length: int, track: bool = False) -> Tensor:
     """The `length` chroma frames of a segment starting at token frame `start` of a clip: [length] pitch
     classes from the chroma frame nearest the segment's start time, tiled if the clip runs out (as the
-    melody conditioner tiles a short melody)."""
-    total = clip.chroma.shape[0]
+    melody conditioner tiles a short melody). `track`: of the melody track where the clip has one."""
+    pitches = clip.melody if track and clip.melody is not None else clip.chroma
+    total = pitches.shape[0]
     first = min(round(start / frame_rate * chroma_rate), max(0, total - length))
-    span = clip.chroma[first : first + length]
+    span = pitches[first : first + length]
     if span.shape[0] < length:
         span = span.repeat(math.ceil(length / span.shape[0]))[:length]
     return span

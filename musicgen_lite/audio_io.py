@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.signal import lfilter, resample_poly
+
+from codebooks.audio import replacing
 
 FORMATS = {".wav": "WAV", ".flac": "FLAC"}
 SUBTYPES = ("PCM_16", "FLOAT")
@@ -135,22 +134,6 @@ def write_audio(
     with replacing(path) as tmp:
         sf.write(tmp, np.ascontiguousarray(audio.T), sample_rate, subtype=subtype, format=FORMATS[path.suffix.lower()])
     return path
-
-
-@contextmanager
-def replacing(path: Path) -> Iterator[Path]:
-    """A fresh temporary name beside `path`, renamed onto `path` when the block succeeds and removed
-    when it fails, so readers see the old file or the whole new one, never a partial write.
-
-    The file is created with the permissions a plain open() gives (mkstemp's are owner-only).
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def check_output(path: str | Path, *, subtype: str = "PCM_16", loudness: float | None = None) -> Path:

@@ -10,6 +10,7 @@ weights is ever held.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 try:  # how transformers 5 configs refuse a mistyped field
     from huggingface_hub.errors import StrictDataclassError
@@ -29,7 +30,7 @@ from conditioning.chroma import ChromaConditioner
 from conditioning.text import T5Conditioner
 
 from .checksums import verify_manifest
-from .lm import PRECISIONS, LMConfig, TransformerLM
+from .lm import PRECISIONS, RENAMED_KEYS, LMConfig, TransformerLM
 from .model import FORMAT, MusicGen
 from .weight_files import SafetensorsFile, WeightFiles
 
@@ -73,6 +74,7 @@ def check_config(cfg: dict, where: Path) -> None:
     lm = cfg.get("lm")
     if not isinstance(lm, dict):
         raise ValueError(f"{where}: no lm section")
+    lm = {RENAMED_KEYS.get(k, k): v for k, v in lm.items()}
     kinds = {"int": (int, "a positive integer"), "float": ((int, float), "a number"), "str": (str, "a string")}
     for f in fields(LMConfig):
         kind, words = kinds[getattr(f.type, "__name__", f.type)]
@@ -198,7 +200,7 @@ def hf_decoder_config(dec: dict, melody: bool, where: Path) -> LMConfig:
     try:
         return LMConfig(
             num_codebooks=values["num_codebooks"],
-            card=values["vocab_size"],
+            codebook_size=values["vocab_size"],
             dim=values["hidden_size"],
             num_heads=values["num_attention_heads"],
             num_layers=values["num_hidden_layers"],
@@ -285,3 +287,12 @@ def _first_line(e: BaseException) -> str:
 
 def _one_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+
+
+def state_digest(tensors: dict[str, Tensor], header: bytes = b"") -> str:
+    """sha256 of `header`, then every tensor's name and bytes in name order: equal digests, equal weights."""
+    h = hashlib.sha256(header)
+    for name, tensor in sorted(tensors.items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,4 +1,7 @@
-"""Command-line front ends. Errors in what the user typed end with one line on stderr and exit code 2."""
+"""The generate command line (generate.py): prompts and options in, audio files (and pictures) out.
+
+Mistakes in what the user typed end with one line on stderr and exit code 2 (see cli_errors).
+"""
 
 from __future__ import annotations
 
@@ -6,23 +9,14 @@ import argparse
 import sys
 from pathlib import Path
 
-import soundfile as sf
-
+from codebooks.audio import read_audio
 from conditioning.chroma import load_melody
 
 from .api import check_request, generate
 from .checkpoints import load_default_model, load_model
 from .lm import PRECISIONS
 from .audio_io import check_output
-
-
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's own errors also exit 2, with one line
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from .cli_errors import ArgumentParser, UsageError, run_command
 
 
 def _prompts(args) -> list[str]:
@@ -51,15 +45,15 @@ def _plotter():
 
 def _plot(plot_generation, audio_path: Path, melody_path: str | None) -> Path:
     """Plot what was written (after loudness normalisation) to <audio stem>.png beside it."""
-    data, rate = sf.read(str(audio_path), dtype="float32", always_2d=True)
+    data, rate = read_audio(audio_path)  # [C, N]
     melody = load_melody(melody_path, target_sample_rate=rate).numpy() if melody_path else None
     return plot_generation(
-        audio_path.with_suffix(".png"), data.T, rate, melody=melody, melody_sample_rate=rate if melody_path else None, title=audio_path.name
+        audio_path.with_suffix(".png"), data, rate, melody=melody, melody_sample_rate=rate if melody_path else None, title=audio_path.name
     )
 
 
 def generate_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="generate.py", description="Generate music from text (and optionally a hummed melody).")
+    p = ArgumentParser(prog="generate.py", description="Generate music from text (and optionally a hummed melody).")
     p.add_argument("--text", help="what the music should be, e.g. 'mozart sonata allegro'")
     p.add_argument("--batch-file", help="a text file with one prompt per line (outputs are numbered)")
     p.add_argument("--melody", help="a WAV/FLAC/OGG/MP3 of a melody to follow (melody models)")
@@ -77,7 +71,8 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=250, help="sample among the k most likely codes (1 = greedy)")
     p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass (0 = off; wins over top-k)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0)")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance coefficient")
+    p.add_argument("--cfg", dest="cfg_coef", type=float, default=3.0,
+                   help="classifier-free guidance coefficient (default 3; at most 1 = no guidance)")
     return p
 
 
@@ -87,13 +82,13 @@ def generate_main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()  # stderr carries our own lines only: a path per output, or one error
     hf_logging.disable_progress_bar()
-    try:
+    def body() -> int:
         prompts = _prompts(args)
         loudness = None if args.no_loudness else args.loudness
         subtype = "FLOAT" if args.float else "PCM_16"
         check_output(args.out, subtype=subtype, loudness=loudness)
         plot = _plotter() if args.plot else None
-        check_request(prompts, args.duration, args.top_k, args.top_p, args.temperature, args.cfg, args.melody)
+        check_request(prompts, args.duration, args.top_k, args.top_p, args.temperature, args.cfg_coef, args.melody)
         model = load_model(args.model, args.precision) if args.model else load_default_model(args.precision)
         result = generate(
             prompts,
@@ -103,19 +98,15 @@ def generate_main(argv: list[str] | None = None) -> int:
             top_k=args.top_k,
             top_p=args.top_p,
             temperature=args.temperature,
-            cfg_coef=args.cfg,
+            cfg_coef=args.cfg_coef,
             seed=args.seed,
             progress=sys.stderr.isatty(),
         )
         outputs = []
         for path in result.save(args.out, loudness=loudness, subtype=subtype):
             outputs += [path] if plot is None else [path, _plot(plot, path, args.melody)]
-    except (UsageError, ValueError, FileNotFoundError) as e:
-        print(f"generate.py: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("generate.py: interrupted; nothing written", file=sys.stderr)
-        return 130
-    for path in outputs:
-        print(path)
-    return 0
+        for path in outputs:
+            print(path)
+        return 0
+
+    return run_command("generate.py", body, "interrupted; nothing written", (UsageError, ValueError, FileNotFoundError))

@@ -62,7 +62,7 @@ def transformers_configs(model: MusicGen):
 
     cfg = model.lm.cfg
     decoder = dict(
-        vocab_size=cfg.card,
+        vocab_size=cfg.codebook_size,
         hidden_size=cfg.dim,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,

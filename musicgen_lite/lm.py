@@ -4,9 +4,9 @@ At every sequence step the decoder sees one token per codebook (already interlea
 `codebooks.patterns` pattern) and predicts the next step's K tokens with K output heads:
 
     step s input   : sum_k Embedding_k(tokens[:, k, s]) + sinusoid(position)
-    step s output  : K logits over the `card` codes of each codebook -> tokens[:, k, s + 1]
+    step s output  : K logits over the `codebook_size` codes of each codebook -> tokens[:, k, s + 1]
 
-Token id `card` (one past the last code) is the special token: the start step and the empty
+Token id `codebook_size` (one past the last code) is the special token: the start step and the empty
 slots of a pattern. Conditions reach the decoder in one of two ways:
 
     "cross"  (MusicGen)        : every layer cross-attends to the projected T5 states
@@ -54,7 +54,7 @@ ACTIVATIONS = {
 @dataclass
 class LMConfig:
     num_codebooks: int = 4
-    card: int = 2048  # codes per codebook; id `card` is the special (start / empty) token
+    codebook_size: int = 2048  # codes per codebook; id `codebook_size` is the special (start / empty) token
     dim: int = 1024
     num_heads: int = 16
     num_layers: int = 24
@@ -75,15 +75,24 @@ class LMConfig:
 
     @property
     def special_token(self) -> int:
-        return self.card
+        return self.codebook_size
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "LMConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """The config a saved model's "lm" entry describes; keys of earlier versions ("card") load under
+        their present names, and a key this version does not know is an error, never a silent default."""
+        d = {RENAMED_KEYS.get(k, k): v for k, v in d.items()}
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown LM config keys {', '.join(unknown)}")
+        return cls(**d)
+
+
+# Keys of saved configs that have since been renamed: old name -> present name.
+RENAMED_KEYS = {"card": "codebook_size"}
 
 
 @dataclass
@@ -259,10 +268,10 @@ class TransformerLM(nn.Module):
         # intra-op threads of the sampling loop on a CPU: one core already streams the weights at about
         # the memory bandwidth, and more threads hand off every small operation (costly on a busy machine)
         self.decode_threads = 1
-        self.embed = nn.ModuleList(nn.Embedding(cfg.card + 1, cfg.dim) for _ in range(cfg.num_codebooks))
+        self.embed = nn.ModuleList(nn.Embedding(cfg.codebook_size + 1, cfg.dim) for _ in range(cfg.num_codebooks))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.heads = nn.Linear(cfg.dim, cfg.num_codebooks * cfg.card, bias=False)  # K heads, fused
+        self.heads = nn.Linear(cfg.dim, cfg.num_codebooks * cfg.codebook_size, bias=False)  # K heads, fused
         self._positions = torch.empty(0, cfg.dim)
 
     @property
@@ -318,7 +327,7 @@ class TransformerLM(nn.Module):
         return ((1.0 - mask.to(dtype)) * torch.finfo(dtype).min)[:, None, None, :]
 
     def forward(self, tokens: Tensor, conditions: LMConditions) -> Tensor:
-        """Teacher-forced pass for training: [B, K, S] tokens -> [B, K, S, card] logits (position s
+        """Teacher-forced pass for training: [B, K, S] tokens -> [B, K, S, codebook_size] logits (position s
         predicts step s + 1). For prefix models the prefix positions are dropped from the output."""
         x = self.embed_tokens(tokens)
         prefix = 0
@@ -343,7 +352,7 @@ class TransformerLM(nn.Module):
 
     def _logits(self, h: Tensor, cache: KVCache | None) -> Tensor:
         n, t, _ = h.shape
-        return linear(self.heads, h, cache).view(n, t, self.cfg.num_codebooks, self.cfg.card).transpose(1, 2)  # [N,K,T,card]
+        return linear(self.heads, h, cache).view(n, t, self.cfg.num_codebooks, self.cfg.codebook_size).transpose(1, 2)  # [N,K,T,codebook_size]
 
     # -- incremental decoding -------------------------------------------------------------------
     def new_cache(self, conditions: LMConditions, max_steps: int) -> KVCache:
@@ -371,7 +380,7 @@ class TransformerLM(nn.Module):
 
     def step(self, tokens: Tensor, cache: KVCache, conditions: LMConditions | None = None) -> Tensor:
         """Feed new steps [N, K, T] (T >= 1) through the cache; returns the logits of the last step,
-        [N, K, card]. The prefix (prefix models) is prepended on the first call, when the cache is empty."""
+        [N, K, codebook_size]. The prefix (prefix models) is prepended on the first call, when the cache is empty."""
         x = self.embed_tokens(tokens)
         if cache.length == 0 and conditions is not None and conditions.prefix is not None:
             x = torch.cat([conditions.prefix.to(x), x], dim=1)

@@ -46,10 +46,10 @@ class MusicGen(nn.Module):
         extend_stride: float = 18.0,
     ):
         super().__init__()
-        if codec.num_codebooks != lm.cfg.num_codebooks or codec.cardinality != lm.cfg.card:
+        if codec.num_codebooks != lm.cfg.num_codebooks or codec.codebook_size != lm.cfg.codebook_size:
             raise ValueError(
-                f"codec ({codec.num_codebooks} x {codec.cardinality}) does not match the LM "
-                f"({lm.cfg.num_codebooks} x {lm.cfg.card})"
+                f"codec ({codec.num_codebooks} x {codec.codebook_size}) does not match the LM "
+                f"({lm.cfg.num_codebooks} x {lm.cfg.codebook_size})"
             )
         if chroma is not None and lm.cfg.conditioning != "prefix":
             raise ValueError("melody conditioning needs a prefix-conditioned LM")
@@ -72,22 +72,24 @@ class MusicGen(nn.Module):
         return self.chroma is not None
 
     # -- conditions ------------------------------------------------------------------------------
-    def conditions(self, texts: list[str], melody: Tensor | None, guided: bool) -> LMConditions:
-        """Texts (B) and optional one-hot chroma features [B, T, 12] -> LM conditions, with the null
-        rows appended when guided: zero text states with an all-zero mask, and the null melody."""
-        emb, mask = self.text(texts)  # [B, L, D], [B, L]
+    def conditions(self, texts: list[str | None], melody: Tensor | None, guided: bool) -> LMConditions:
+        """Texts (B; None = no caption, the null text) and optional one-hot chroma features [B, T, 12]
+        -> LM conditions, with the null rows appended when guided: zero text states with an all-zero
+        mask, and the null melody."""
+        emb, mask = self.text([text or "" for text in texts])  # [B, L, D], [B, L]
+        uncaptioned = torch.tensor([text is None for text in texts], device=emb.device)
+        if uncaptioned.any():
+            null_emb, null_mask = null_text(emb, mask)
+            emb = torch.where(uncaptioned[:, None, None], null_emb, emb)
+            mask = torch.where(uncaptioned[:, None], null_mask, mask)
+        feats = None
+        if self.chroma is not None and self.lm.cfg.conditioning == "prefix":
+            feats = melody if melody is not None else self.chroma.null_features(len(texts))
         if guided:
             null_emb, null_mask = null_text(emb, mask)
             emb, mask = torch.cat([emb, null_emb]), torch.cat([mask, null_mask])
-        if self.lm.cfg.conditioning == "cross":
-            return LMConditions(cross=emb, cross_mask=mask)
-        parts = [emb]
-        if self.chroma is not None:
-            feats = melody if melody is not None else self.chroma.null_features(len(texts))
-            if guided:
-                feats = torch.cat([feats, null_chroma_features(feats)])
-            parts.insert(0, self.chroma(feats))  # [N, chroma_length, D]
-        return LMConditions(prefix=torch.cat(parts, dim=1))
+            feats = None if feats is None else torch.cat([feats, null_chroma_features(feats)])
+        return layout_conditions(self.lm.cfg.conditioning, emb, mask, self.chroma, feats)
 
     def melody_features(self, wavs: list[Tensor | None]) -> Tensor | None:
         """Mono waveforms at the chroma rate (None = no melody for that row) -> one-hot [B, T, 12],
@@ -207,6 +209,22 @@ class MusicGen(nn.Module):
         codec = EncodecCodec.from_pretrained(path / "codec", num_codebooks=lm.cfg.num_codebooks)
         model = cls(lm, codec, text, chroma, cfg["max_duration"], cfg["extend_stride"])
         return model.eval()
+
+
+def layout_conditions(
+    conditioning: str, emb: Tensor, mask: Tensor, chroma: ChromaConditioner | None, features: Tensor | None
+) -> LMConditions:
+    """The one place that lays conditions out for the LM, in generation, training and evaluation.
+
+    cross:   text states emb [B, L, D] (mask [B, L]) are cross-attended
+    prefix:  [chroma(features) [B, C, D] | emb [B, L, D]] is read before the codes (melody models);
+             without a chroma conditioner (or features) the prefix is the text alone
+    """
+    if conditioning == "cross":
+        return LMConditions(cross=emb, cross_mask=mask)
+    if chroma is None or features is None:
+        return LMConditions(prefix=emb)
+    return LMConditions(prefix=torch.cat([chroma(features), emb], dim=1))
 
 
 def move_into_place(tmp: Path, path: Path) -> None:

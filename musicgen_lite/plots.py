@@ -17,7 +17,7 @@ from matplotlib.ticker import NullFormatter
 
 from conditioning.chroma import ChromaExtractor
 
-from .audio_io import replacing
+from codebooks.audio import replacing
 
 PITCH_CLASSES = ("C", "C♯", "D", "D♯", "E", "F", "F♯", "G", "G♯", "A", "A♯", "B")
 SPECTROGRAM_FFT = 2048

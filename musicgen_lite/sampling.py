@@ -1,7 +1,8 @@
 """The sampling loop: one decoder step per pattern step, classifier-free guidance, top-k / top-p.
 
 Each step feeds the previous step's K tokens through the KV cache, mixes conditional and null
-logits (`uncond + (cond - uncond) * cfg_coef`, the two halves of one batch), samples one token
+logits (`uncond + (cond - uncond) * cfg_coef`, the two halves of one batch; only for cfg_coef > 1, as
+transformers does), samples one token
 per codebook and writes it where the pattern has a free slot; slots the pattern leaves empty
 keep the special token and prompt slots keep the prompt. Randomness comes from one seeded
 `torch.Generator` per batch row, so a row's tokens depend on its seed, not on its neighbours.
@@ -48,7 +49,10 @@ class SamplingParams:
 
     @property
     def guided(self) -> bool:
-        return self.cfg_coef != 1.0
+        """Guidance applies only above 1, as in transformers' MusicGen (`guidance_scale > 1`): for
+        0 <= cfg_coef <= 1 the conditional logits are sampled as they are (at 1 the mix is exactly
+        them anyway), so every coefficient gives the tokens transformers gives."""
+        return self.cfg_coef > 1.0
 
 
 def classifier_free_guidance(logits: Tensor, cfg_coef: float) -> Tensor:
@@ -142,7 +146,7 @@ def generate_tokens(
         u = torch.empty(batch, k_books)  # [B, K] one uniform per row and codebook
         bar = tqdm(total=steps - first, disable=not progress, desc="generating", unit="step")
         for s in range(first, steps):
-            logits = lm.step(inputs, cache, conditions).float()  # [rows, K, card]
+            logits = lm.step(inputs, cache, conditions).float()  # [rows, K, codebook_size]
             if params.guided:
                 logits = classifier_free_guidance(logits, params.cfg_coef)
             for row, g in enumerate(generators):

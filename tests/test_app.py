@@ -58,6 +58,7 @@ def test_errors_reach_the_page_as_messages_and_the_model_loads_lazily(app, tiny_
         text_only("piano", None, 0.5, 0, 0.0, 1.0, 3.0, 0)
 
 
+@pytest.mark.slow
 def test_the_page_in_a_headless_browser(app, tiny_melody_dir, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright")
     chromium = shutil.which("chromium")

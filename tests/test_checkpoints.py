@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 import musicgen_lite
 from hum import synth_hum
-from musicgen_lite import train_lm
+from musicgen_lite.training import lm as train_lm
 from musicgen_lite.checkpoints import load_default_model
 from musicgen_lite.weight_files import SafetensorsFile
 from tiny_models import hf_greedy_tokens, load_hf

@@ -17,6 +17,7 @@ def run(*args, cwd=None):
     return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_writes_the_wav_and_prints_its_path(tiny_musicgen_dir, tmp_path):
     out = tmp_path / "song.wav"
     proc = run("--text", "mozart sonata allegro", "--duration", "0.5", "--model", str(tiny_musicgen_dir), "--out", str(out), "--seed", "1")
@@ -26,6 +27,7 @@ def test_cli_writes_the_wav_and_prints_its_path(tiny_musicgen_dir, tmp_path):
     assert sr == 32000 and data.shape[0] == 25 * 640
 
 
+@pytest.mark.slow
 def test_cli_batch_file_and_melody(tiny_melody_dir, tmp_path):
     from hum import synth_hum
 
@@ -38,6 +40,7 @@ def test_cli_batch_file_and_melody(tiny_melody_dir, tmp_path):
     assert proc.stdout.split() == [str(tmp_path / "b_0.wav"), str(tmp_path / "b_1.wav")]
 
 
+@pytest.mark.slow
 def test_cli_bad_input_in_a_real_process_is_one_line_and_exit_2(tiny_musicgen_dir, tmp_path):
     proc = run("--text", "x", "--top-k", "0", "--model", str(tiny_musicgen_dir), "--out", str(tmp_path / "o.wav"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -81,7 +81,7 @@ def test_properties(codec):
     assert codec.hop_length == 640
     assert codec.frame_rate == 50.0
     assert codec.num_codebooks == 4  # smallest bandwidth: 1.2 kbps / (50 Hz * 6 bits)
-    assert codec.cardinality == CARD
+    assert codec.codebook_size == CARD
 
 
 def test_encode_shapes_and_frame_counts(codec):

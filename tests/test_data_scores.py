@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from musicgen_lite.data import scores
+from musicgen_lite.data.scores import render
 from musicgen_lite.data.scores import (
     CaptionFields,
     Note,
@@ -194,6 +195,7 @@ def test_force_piano_rewrites_programs_and_drops_drums():
     assert [(n.pitch, round(n.end - n.start, 3)) for n in perf.notes] == [(60, 0.5)]
 
 
+@pytest.mark.slow
 def test_bach_chorale_renders_end_to_end(tmp_path, soundfont):
     pytest.importorskip("music21")
     import soundfile as sf
@@ -240,9 +242,10 @@ def test_bach_chorale_renders_end_to_end(tmp_path, soundfont):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_long_piece_is_cut_but_stays_one_piece_in_one_split(tmp_path, soundfont, monkeypatch):
-    monkeypatch.setattr(scores, "split_points", partial(split_points, max_seconds=20.0))
-    monkeypatch.setattr(scores, "CUT_SEARCH_SECONDS", 3.0)
+    monkeypatch.setattr(render, "split_points", partial(split_points, max_seconds=20.0))
+    monkeypatch.setattr(render, "CUT_SEARCH_SECONDS", 3.0)
     notes = _chords([(60, "maj"), (65, "maj"), (67, "maj")] * 8, seconds=2.0)
     perf = Performance(notes, tempos=[(0.0, 120.0)], metres=[(0.0, "4/4")], keys=[(0.0, 0)])
     info = _info(piece_id="long-one", work_id="long-work", composer="test", folder="test")
@@ -265,7 +268,7 @@ def _write_midi(path: Path, program: int = 40) -> None:
     ])
     music = mido.MidiTrack([mido.Message("program_change", channel=0, program=program)])
     for root in (63, 68, 70, 63) * 2:  # Eb major: I IV V I
-        for i, pitch in enumerate((root - 12, root, root + 4, root + 7)):
+        for pitch in (root - 12, root, root + 4, root + 7):
             music.append(mido.Message("note_on", channel=0, note=pitch, velocity=70, time=0))
         music.append(mido.Message("note_on", channel=9, note=42, velocity=90, time=0))
         for i, pitch in enumerate((root - 12, root, root + 4, root + 7)):
@@ -276,6 +279,7 @@ def _write_midi(path: Path, program: int = 40) -> None:
     mid.save(path)
 
 
+@pytest.mark.slow
 def test_midi_folder_renders_with_captions_and_resumes(tmp_path, soundfont, capsys):
     midi_dir, out = tmp_path / "my midi", tmp_path / "out"
     _write_midi(midi_dir / "chopin" / "Nocturne_Adagio.mid")

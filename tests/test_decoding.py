@@ -34,7 +34,7 @@ def step_logits(lm, conditions, tokens, packed: bool, attending: int | None = No
 def test_null_rows_skip_cross_attention_exactly(model):
     conditions = model.conditions(CAPTIONS, None, guided=True)  # 2 conditional rows, then 2 null rows
     assert attending_rows(conditions.cross, conditions.cross_mask) == 2
-    tokens = torch.randint(0, model.lm.cfg.card, (4, model.lm.cfg.num_codebooks, 3), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, model.lm.cfg.codebook_size, (4, model.lm.cfg.num_codebooks, 3), generator=torch.Generator().manual_seed(0))
     skipped = step_logits(model.lm, conditions, tokens, packed=False)
     full = step_logits(model.lm, conditions, tokens, packed=False, attending=4)
     assert torch.equal(skipped[:, 2:], full[:, 2:])  # null rows: x + 0 is x
@@ -58,7 +58,7 @@ def test_packed_weights_replace_the_plain_ones_give_the_plain_products_and_follo
     fresh = musicgen_lite.load_model(tiny_musicgen_dir)  # its weights are changed below
     lm, conditions = fresh.lm, fresh.conditions(CAPTIONS, None, guided=True)
     plain = copy.deepcopy(lm)  # the reference: the same weights, decoded with plain products
-    tokens = torch.randint(0, lm.cfg.card, (4, lm.cfg.num_codebooks, 3), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, lm.cfg.codebook_size, (4, lm.cfg.num_codebooks, 3), generator=torch.Generator().manual_seed(1))
     cache = lm.new_cache(conditions, 3)
     assert len(cache.packed) == 6 * lm.cfg.num_layers + 1  # self qkv/out, cross q/out, fc1, fc2 per layer; heads
     assert lm.new_cache(conditions, 3).packed[lm.heads] is cache.packed[lm.heads]  # made once, reused
@@ -108,7 +108,7 @@ def test_opt_in_precisions_stay_close_to_fp32(tiny_musicgen_dir, model, precisio
     low = musicgen_lite.load_model(tiny_musicgen_dir, precision=precision)
     assert low.lm.precision == precision
     conditions = model.conditions(CAPTIONS, None, guided=True)
-    tokens = torch.randint(0, model.lm.cfg.card, (4, model.lm.cfg.num_codebooks, 6), generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(0, model.lm.cfg.codebook_size, (4, model.lm.cfg.num_codebooks, 6), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref, out = model.lm(tokens, conditions), low.lm(tokens, conditions).float()
     assert (out - ref).abs().max() <= tolerance * ref.abs().max()

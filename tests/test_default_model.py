@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
@@ -33,6 +34,7 @@ def test_generate_without_a_model_uses_the_bundled_one():
     assert np.array_equal(res.tokens, again.tokens)
 
 
+@pytest.mark.slow
 def test_first_command_writes_five_seconds_of_music_offline(tmp_path):
     from hum import synth_hum
 
@@ -55,3 +57,37 @@ def test_first_command_writes_five_seconds_of_music_offline(tmp_path):
     assert proc.returncode == 0, proc.stderr
     audio, rate = sf.read(out)
     assert rate == 32000 and len(audio) >= 5 * 32000 and np.sqrt(np.mean(audio**2)) > 0.01
+
+
+def _with_lm_config(tmp_path: Path, rename: dict[str, str], extra: dict | None = None) -> Path:
+    """The shipped model directory (files linked, not copied) with its config.json's "lm" keys renamed."""
+    import json
+
+    out = tmp_path / "model"
+    out.mkdir(parents=True)
+    for entry in DEFAULT_MODEL_DIR.iterdir():
+        if entry.name != "config.json":
+            (out / entry.name).symlink_to(entry)
+    config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    config["lm"] = {rename.get(k, k): v for k, v in config["lm"].items()} | (extra or {})
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_model_directories_with_the_earlier_key_names_load_their_real_values(tmp_path):
+    import json
+
+    shipped = load_default_model()
+    saved = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())["lm"]
+    assert shipped.lm.cfg.codebook_size == saved.get("card", saved.get("codebook_size")) == shipped.codec.codebook_size
+    assert shipped.lm.cfg.codebook_size != type(shipped.lm.cfg)().codebook_size  # not the class default (2048)
+    old = musicgen_lite.load_model(_with_lm_config(tmp_path / "old", {"codebook_size": "card"}))
+    new = musicgen_lite.load_model(_with_lm_config(tmp_path / "new", {"card": "codebook_size"}))
+    assert old.lm.cfg == new.lm.cfg == shipped.lm.cfg
+    a = musicgen_lite.generate("folk tune", duration=0.4, model=old, seed=1).tokens
+    assert np.array_equal(a, musicgen_lite.generate("folk tune", duration=0.4, model=new, seed=1).tokens)
+
+
+def test_a_config_key_this_version_does_not_know_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown LM config keys cardinality"):
+        musicgen_lite.load_model(_with_lm_config(tmp_path, {}, {"cardinality": 1024}))

@@ -10,6 +10,7 @@ import soundfile as sf
 import torch
 from transformers.audio_utils import mel_filter_bank
 
+import musicgen_lite
 from codebooks.patterns import DelayPattern
 from musicgen_lite import evaluate as ev
 from musicgen_lite.hum import MAJOR_SCALE, MINOR_SCALE, random_melody, synth_hum
@@ -256,7 +257,7 @@ def test_unigram_cross_entropy_by_hand():
     test = [torch.tensor([[0, 2], [3, 3]])]
     # codebook 0: counts (3, 1, 0, 0) -> p = (4, 2, 1, 1) / 8; codebook 1: counts (0, 0, 2, 2) -> p = (1, 1, 3, 3) / 8
     expected = torch.tensor([-(math.log(4 / 8) + math.log(1 / 8)) / 2, -math.log(3 / 8)], dtype=torch.float64)
-    torch.testing.assert_close(ev.unigram_cross_entropy(train, test, card=4), expected)
+    torch.testing.assert_close(ev.unigram_cross_entropy(train, test, codebook_size=4), expected)
 
 
 # -- the CLI end to end ----------------------------------------------------------------------------
@@ -307,7 +308,7 @@ def test_cli_writes_a_report_with_every_section(tiny_melody_dir, tiny_data_dir, 
     assert 0 <= text["mode_accuracy"] <= 1 and set(text["goal_met"]) == {"mode_accuracy", "tempo_ratio"}
 
     # seeded: the same run gives the same numbers
-    model = ev.load_model(tiny_melody_dir)
+    model = musicgen_lite.load_model(tiny_melody_dir)
     again = ev.run_sections("all", model, tiny_data_dir, "test", 3, 1.0, 2, 7)
     assert json.loads(json.dumps(again)) == {k: v for k, v in report.items() if k != "model"}
 

@@ -1,4 +1,4 @@
-"""Codec training: the RVQ's EMA, k-means and dead-code rules, SI-SDR, and train_codec.main on a tiny codec."""
+"""Codec training: the RVQ's EMA, k-means and dead-code rules, SI-SDR, and `train.py codec` on a tiny codec."""
 import contextlib
 import copy
 import csv
@@ -14,18 +14,18 @@ import torch
 from codebooks.codec import EncodecCodec
 from codebooks.rvq import EMACodebook, ResidualVQ
 from musicgen_lite.audio_data import hash_split
-from codebooks.train_codec import (
-    TrainConfig,
-    build_codec,
+from musicgen_lite.evaluate.signal import si_sdr
+from musicgen_lite.training.checkpoints import read_checkpoint
+from musicgen_lite.training.codec import (
     build_trainer,
     initialize_codebooks,
     load_audio_data,
     main,
     sample_batch,
     save_checkpoint,
-    si_sdr,
     train_step,
 )
+from musicgen_lite.training.codec_config import TrainConfig, build_codec
 
 SR = 32000
 # A codec small enough to train a few dozen steps in seconds: 0.2 s segments are 10 frames.
@@ -84,7 +84,7 @@ def test_dead_code_is_replaced_by_a_latent_from_the_batch():
     book.embed_avg.copy_(book.embed)
     book.inited.fill_(1)
     x = torch.tensor([[0.1, 0.0], [0.0, 0.1], [1.1, 1.0], [1.0, 0.9]])
-    for step in range(3):  # its count halves each step: 0.5, 0.25, 0.125 -- still above the threshold
+    for _ in range(3):  # its count halves each step: 0.5, 0.25, 0.125 -- still above the threshold
         book.update(x, book.encode(x))
         assert book.embed[2].tolist() == pytest.approx([100.0, 100.0], rel=1e-3)
     book.update(x, book.encode(x))  # 0.0625 < 0.1: replaced by one of the batch's latents
@@ -152,10 +152,10 @@ def test_si_sdr_matches_a_hand_computation():
     est = torch.tensor([1.5, 1.5, 3.5, 3.5])
     # zero-mean: ref (-1.5, -0.5, 0.5, 1.5), est (-1, -1, 1, 1); a = <est, ref> / |ref|^2 = 4 / 5 = 0.8
     # target 0.8 * ref = (-1.2, -0.4, 0.4, 1.2), |target|^2 = 3.2; noise (0.2, -0.6, 0.6, -0.2), |noise|^2 = 0.8
-    assert si_sdr(est, ref).item() == pytest.approx(10 * math.log10(3.2 / 0.8), abs=1e-4)
-    assert si_sdr(3.0 * ref + 7.0, ref).item() > 80  # invariant to gain and offset
+    assert si_sdr(ref, est).item() == pytest.approx(10 * math.log10(3.2 / 0.8), abs=1e-4)
+    assert si_sdr(ref, 3.0 * ref + 7.0).item() > 80  # invariant to gain and offset
     batch = torch.stack([est, ref])
-    assert si_sdr(batch, torch.stack([ref, ref])).shape == (2,)
+    assert si_sdr(torch.stack([ref, ref]), batch).shape == (2,)
 
 
 def test_split_by_hash_is_deterministic_and_metadata_wins(tmp_path):
@@ -206,6 +206,7 @@ def trained(tmp_path_factory):
     return run, out.getvalue(), err.getvalue()
 
 
+@pytest.mark.slow
 def test_corrupt_file_is_skipped_with_a_warning(trained):
     run, stdout, stderr = trained
     warnings = [line for line in stderr.splitlines() if line.startswith("warning:")]
@@ -213,6 +214,7 @@ def test_corrupt_file_is_skipped_with_a_warning(trained):
     assert "4 train files" in stdout and "1 validation files" in stdout and "1 unreadable skipped" in stdout
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_logs_validation(trained):
     run, stdout, _ = trained
     rows = read_log(run)
@@ -226,11 +228,12 @@ def test_training_lowers_the_loss_and_logs_validation(trained):
     assert all(float(r["steps_per_s"]) > 0 for r in rows)
     assert all(len(r["valid_codes_used"].split("/")) == 4 for r in evals)
     # the newest checkpoints are kept, and the exported codec sits in the run folder
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000020.pt", "step_00000030.pt"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000020.pt", "step-00000030.pt"]
     assert "eval step 30 | SI-SDR" in stdout
     assert (run / "config.json").is_file() and (run / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_export_loads_with_encodec_codec_and_matches_our_rvq(tmp_path):
     data = load_audio_data(write_dataset(tmp_path / "data", corrupt=False), SR, valid_fraction=0.1)
     # A small learning rate: the EMA codebooks (and dead-code replacement) see a few steps of a barely moving
@@ -248,7 +251,7 @@ def test_export_loads_with_encodec_codec_and_matches_our_rvq(tmp_path):
     ours = t.model.eval()
 
     codec = EncodecCodec.from_pretrained(run)
-    assert (codec.num_codebooks, codec.cardinality, codec.sample_rate, codec.frame_rate) == (3, 16, SR, 50)
+    assert (codec.num_codebooks, codec.codebook_size, codec.sample_rate, codec.frame_rate) == (3, 16, SR, 50)
     assert codec.model.config.normalize is False and codec.model.config.chunk_length_s is None
     wav = torch.cat([w.read(0, SR // 2) for w in data.train + data.valid])[None, None]  # every tone in turn, [1, 1, N]
     with torch.no_grad():
@@ -263,7 +266,7 @@ def test_export_loads_with_encodec_codec_and_matches_our_rvq(tmp_path):
         for name in ("inited", "cluster_size", "embed", "embed_avg"):
             assert torch.equal(getattr(theirs.codebook, name), getattr(ours_layer, name))
     # the training checkpoint holds the same codec
-    state = torch.load(run / "checkpoints" / "step_00000003.pt", weights_only=True)
+    state = read_checkpoint(run / "checkpoints" / "step-00000003.pt")
     restored = build_codec(TrainConfig(**state["config"]))
     restored.load_state_dict(state["model"])
     with torch.no_grad():
@@ -271,7 +274,7 @@ def test_export_loads_with_encodec_codec_and_matches_our_rvq(tmp_path):
 
 
 def test_target_bandwidth_selects_exactly_k_codebooks():
-    from codebooks.train_codec import encodec_config
+    from musicgen_lite.training.codec_config import encodec_config
 
     config = encodec_config(TrainConfig(data="", out="", codebook_size=2048))
     assert config.target_bandwidths == [2.2] and config.frame_rate == 50  # MusicGen's codec: 4 x 11 bits at 50 Hz
@@ -282,6 +285,7 @@ def test_target_bandwidth_selects_exactly_k_codebooks():
     assert EncodecCodec.from_config(encodec_config(odd)).num_codebooks == 31
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_saved_step_exactly(tmp_path, capsys):
     data = write_dataset(tmp_path / "data", corrupt=False)
     common = ["--data", str(data), *TINY, "--save-every", "3", "--eval-every", "3", "--log-every", "1"]
@@ -291,8 +295,8 @@ def test_resume_continues_from_the_saved_step_exactly(tmp_path, capsys):
     capsys.readouterr()
     assert main([*common, "--out", str(tmp_path / "resumed"), "--max-steps", "6"]) == 0
     assert "resuming from step 3" in capsys.readouterr().out
-    straight = torch.load(tmp_path / "straight" / "checkpoints" / "step_00000006.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "step_00000006.pt", weights_only=True)
+    straight = read_checkpoint(tmp_path / "straight" / "checkpoints" / "step-00000006.pt")
+    resumed = read_checkpoint(tmp_path / "resumed" / "checkpoints" / "step-00000006.pt")
     assert resumed["step"] == 6
     for name, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][name]), name
@@ -351,3 +355,30 @@ def test_missing_or_empty_data_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "run")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[0].startswith("warning: skipping unreadable audio file") and "error: need audio" in lines[1]
+
+
+@pytest.mark.slow
+def test_tensorboard_gets_the_losses_and_validation_reconstructions(tmp_path):
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    data = write_dataset(tmp_path / "data", corrupt=False)
+    run = tmp_path / "run"
+    assert main(["--data", str(data), "--out", str(run), *TINY, "--max-steps", "2", "--eval-every", "2",
+                 "--log-every", "1", "--tensorboard"]) == 0
+    events = accumulator.EventAccumulator(str(run / "tensorboard"), size_guidance={"audio": 0, "scalars": 0}).Reload()
+    tags = events.Tags()
+    assert {"loss", "l1", "mel", "valid/si_sdr", "valid/mel"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([float(r["loss"]) for r in read_log(run)])
+    assert sorted(tags["audio"]) == ["valid/reconstruction_0", "valid/reconstruction_1"]
+    (sample,) = events.Audio("valid/reconstruction_0")
+    wav, rate = sf.read(io.BytesIO(sample.encoded_audio_string))
+    assert sample.step == 2 and rate == SR and len(wav) == TrainConfig(data="", out="", segment_seconds=0.2).segment_samples
+
+
+def test_checkpoints_of_the_earlier_format_are_refused_in_one_line(tmp_path, capsys):
+    data = write_dataset(tmp_path / "data", corrupt=False)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save({"step": 3}, tmp_path / "run" / "checkpoints" / "step_00000003.pt")  # the name and format before step-N.pt
+    assert main(["--data", str(data), "--out", str(tmp_path / "run"), *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "earlier version" in err[0] and "new --out" in err[0]

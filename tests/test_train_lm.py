@@ -4,6 +4,7 @@ exact resumption (in-process crash, SIGKILL, corrupt checkpoint), the NaN guard,
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import multiprocessing
@@ -25,7 +26,10 @@ from safetensors.torch import load_file
 import musicgen_lite
 from codebooks.codec import EncodecCodec
 from conditioning.chroma import ChromaExtractor
-from musicgen_lite import audio_data, train_lm
+from musicgen_lite import audio_data
+from musicgen_lite.training import checkpoints as ckpt
+from musicgen_lite.training import lm as train_lm
+from musicgen_lite.training import lm_batches, lm_model
 from musicgen_lite.audio_data import TokenCache, chroma_span, scan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,17 +163,17 @@ def test_a_segment_gets_the_chroma_of_its_own_time_span(data_dir, codec_dir, tmp
 def test_caption_augmentation_draws_subsets_and_orders_of_the_fields():
     g = torch.Generator().manual_seed(0)
     fields = [f.strip() for f in CAPTION.split(",")]
-    seen = [train_lm.augment_caption(CAPTION, g) for _ in range(300)]
+    seen = [lm_batches.augment_caption(CAPTION, g) for _ in range(300)]
     parts = [s.split(", ") for s in seen]
     assert all(p and set(p) <= set(fields) and len(set(p)) == len(p) for p in parts)
     assert {len(p) for p in parts} == set(range(1, 6))
     assert len({tuple(p) for p in parts if len(p) == 5}) > 1  # full captions in several orders
-    assert train_lm.augment_caption("solo cello", g) == "solo cello"
+    assert lm_batches.augment_caption("solo cello", g) == "solo cello"
 
 
 def test_loss_scores_only_real_codes_through_the_pattern(tiny_musicgen_dir):
     model = musicgen_lite.load_model(tiny_musicgen_dir)
-    net = train_lm.TeacherForcing(model)
+    net = lm_model.TeacherForcing(model)
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 32, (2, 4, 10), generator=g)
     valid = torch.ones(2, 10, dtype=torch.bool)
@@ -190,6 +194,7 @@ def test_loss_scores_only_real_codes_through_the_pattern(tiny_musicgen_dir):
 # -- runs -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_finetune_a_transformers_checkpoint(tiny_musicgen_dir, data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     assert train("--data", data_dir, "--out", run, "--model", tiny_musicgen_dir, "--max-steps", 6,
@@ -207,7 +212,7 @@ def test_finetune_a_transformers_checkpoint(tiny_musicgen_dir, data_dir, tmp_pat
     assert names == ["best.pt", "step-00000000.pt", "step-00000003.pt", "step-00000006.pt"]
 
     tuned, original = musicgen_lite.load_model(run), musicgen_lite.load_model(tiny_musicgen_dir)
-    last = train_lm.read_checkpoint(run / "checkpoints" / "step-00000006.pt")["model"]
+    last = ckpt.read_checkpoint(run / "checkpoints" / "step-00000006.pt")["model"]
     for name, p in tuned.lm.state_dict().items():
         assert torch.equal(p, last[f"lm.{name}"])
     assert not torch.equal(tuned.lm.heads.weight, original.lm.heads.weight)  # it trained
@@ -217,6 +222,7 @@ def test_finetune_a_transformers_checkpoint(tiny_musicgen_dir, data_dir, tmp_pat
     assert res.tokens.shape == (1, 4, 10)
 
 
+@pytest.mark.slow
 def test_from_scratch_melody_model_with_a_jointly_trained_t5(codec_dir, data_dir, tmp_path):
     run = tmp_path / "run"
     assert train("--data", data_dir, "--out", run, "--codec", codec_dir, "--preset", "tiny", "--melody",
@@ -224,10 +230,10 @@ def test_from_scratch_melody_model_with_a_jointly_trained_t5(codec_dir, data_dir
     model = musicgen_lite.load_model(run)
     assert model.has_melody and model.lm.cfg.conditioning == "prefix" and model.lm.cfg.dim == 64
     assert model.chroma.chroma_length == 1 + 16000 // 4096  # one 0.5 s segment at the chroma rate
-    assert model.lm.cfg.card == 32 and model.max_duration == 0.5
+    assert model.lm.cfg.codebook_size == 32 and model.max_duration == 0.5
     tokenizer = model.text.tokenizer
     assert tokenizer.unk_token_id not in tokenizer("mozart string quartet, menuetto")["input_ids"]
-    start = train_lm.read_checkpoint(run / "checkpoints" / "step-00000000.pt")["model"]
+    start = ckpt.read_checkpoint(run / "checkpoints" / "step-00000000.pt")["model"]
     changed = [k for k, v in model.text.state_dict().items() if k.startswith("encoder.") and not torch.equal(v, start[f"text.{k}"])]
     assert changed, "the T5 built from the captions trains with the LM"
     hum = torch.from_numpy(tones([392.0, 440.0], 1.0))
@@ -250,19 +256,20 @@ def straight_run(codec_dir, data_dir, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_resumed_run_follows_the_uninterrupted_one_bitwise(straight_run, codec_dir, data_dir, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    write = train_lm.write_checkpoint
+    write = ckpt.write_checkpoint
 
     def write_then_crash(state, path):
         write(state, path)
         if state["step"] == 3:
             raise Crash
 
-    monkeypatch.setattr(train_lm, "write_checkpoint", write_then_crash)
+    monkeypatch.setattr(ckpt, "write_checkpoint", write_then_crash)
     with pytest.raises(Crash):
         train("--data", data_dir, "--out", run, "--codec", codec_dir, *SCRATCH)
-    monkeypatch.setattr(train_lm, "write_checkpoint", write)
+    monkeypatch.setattr(ckpt, "write_checkpoint", write)
     assert not (run / "model.safetensors").exists()
     capsys.readouterr()
     assert train("--data", data_dir, "--out", run, "--codec", codec_dir, *SCRATCH) == 0
@@ -274,6 +281,26 @@ def test_resumed_run_follows_the_uninterrupted_one_bitwise(straight_run, codec_d
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+def test_a_run_written_before_the_renames_resumes(straight_run, codec_dir, data_dir, tmp_path, capsys):
+    """Runs of earlier versions recorded their base model with the key "card": they resume, onto the
+    same loss curve, and publish a model that says codebook_size."""
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    base = run / "checkpoints" / "base" / "config.json"
+    config = json.loads(base.read_text())
+    config["lm"] = {("card" if k == "codebook_size" else k): v for k, v in config["lm"].items()}
+    base.write_text(json.dumps(config))
+    for path in [run / "model.safetensors", run / "checkpoints" / "step-00000006.pt", run / "checkpoints" / "best.pt"]:
+        path.unlink()
+    capsys.readouterr()
+    assert train("--data", data_dir, "--out", run, "--codec", codec_dir, *SCRATCH) == 0
+    assert "resuming from step 3" in capsys.readouterr().out
+    assert train_losses(run) == train_losses(straight_run)
+    assert json.loads((run / "config.json").read_text())["lm"]["codebook_size"] == 32
+
+
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(straight_run, codec_dir, data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(straight_run, run)
@@ -289,6 +316,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(straight_run, 
     assert train_losses(run) == train_losses(straight_run)
 
 
+@pytest.mark.slow
 def test_huge_learning_rate_ends_with_finite_weights(tiny_musicgen_dir, data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     assert train("--data", data_dir, "--out", run, "--model", tiny_musicgen_dir, "--lr", 1000, "--warmup-steps", 0,
@@ -300,7 +328,7 @@ def test_huge_learning_rate_ends_with_finite_weights(tiny_musicgen_dir, data_dir
     weights = final_weights(run)
     assert all(torch.isfinite(t).all() for t in weights.values())
     for path in (run / "checkpoints").glob("step-*.pt"):
-        assert train_lm.all_finite(train_lm.read_checkpoint(path)["model"])
+        assert ckpt.all_finite(ckpt.read_checkpoint(path)["model"])
 
 
 @pytest.mark.parametrize(
@@ -325,6 +353,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message, data_dir, codec_dir, tm
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_rerun_with_another_architecture_is_refused(straight_run, codec_dir, data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(straight_run / "checkpoints" / "base", run / "checkpoints" / "base")
@@ -340,6 +369,7 @@ def _env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
 
 
+@pytest.mark.slow
 def test_train_py_lists_both_commands():
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, env=_env())
     assert proc.returncode == 0 and "lm" in proc.stdout and "codec" in proc.stdout
@@ -352,6 +382,7 @@ def _train_single_threaded(*args) -> int:
     return train(*args)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_resumes(tiny_musicgen_dir, data_dir, tmp_path, capsys):
     """The run is a forked child process (it starts without re-importing torch and transformers),
     killed with SIGKILL once its step-4 checkpoint exists; the same command then resumes."""
@@ -377,9 +408,10 @@ def test_sigkill_mid_run_then_rerun_resumes(tiny_musicgen_dir, data_dir, tmp_pat
     assert len(resumed) == 1 and 4 <= int(resumed[0].split()[3]) < 60, out
     assert "0 files encoded, 6 from the cache" in out
     assert sorted(train_losses(run)) == list(range(1, 61))
-    assert musicgen_lite.load_model(run).lm.cfg.card == 32
+    assert musicgen_lite.load_model(run).lm.cfg.codebook_size == 32
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes(tiny_musicgen_dir, data_dir, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -393,4 +425,32 @@ def test_torchrun_two_cpu_processes(tiny_musicgen_dir, data_dir, tmp_path):
     assert proc.stdout.count("done at step 4") == 1  # only the main process reports
     assert [int(r["step"]) for r in log_rows(run) if r["train_loss"]] == [1, 2, 3, 4]
     model = musicgen_lite.load_model(run)
-    assert train_lm.weights_digest(model).startswith(agreed.group(1))
+    assert lm_model.weights_digest(model).startswith(agreed.group(1))
+
+
+# -- TensorBoard ----------------------------------------------------------------------------------
+
+
+def read_events(run: Path):
+    """TensorBoard's own reader over RUN/tensorboard: tags, scalars and audio as the tool would show them."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = accumulator.EventAccumulator(str(run / "tensorboard"), size_guidance={"audio": 0, "scalars": 0})
+    return events.Reload()
+
+
+@pytest.mark.slow
+def test_tensorboard_gets_losses_perplexities_lr_and_generated_audio(tiny_musicgen_dir, data_dir, tmp_path):
+    run = tmp_path / "run"
+    assert train("--data", data_dir, "--out", run, "--model", tiny_musicgen_dir, "--max-steps", 2,
+                 "--eval-every", 2, "--tensorboard", "--tensorboard-samples", 1, *FAST) == 0
+    events = read_events(run)
+    tags = events.Tags()
+    assert {"train/loss", "train/ppl_0", "lr", "val/loss", "val/ppl_0"} <= set(tags["scalars"])
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [1, 2]
+    assert [e.value for e in losses] == pytest.approx([float(r["train_loss"]) for r in log_rows(run) if r["train_loss"]])
+    assert tags["audio"] == ["samples/0"]
+    (sample,) = events.Audio("samples/0")
+    assert sample.step == 2 and sample.sample_rate == 32000
+    wav, rate = sf.read(io.BytesIO(sample.encoded_audio_string))
+    assert rate == 32000 and len(wav) == 25 * 640  # one 0.5 s segment of 25 frames, decoded

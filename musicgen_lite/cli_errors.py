@@ -1,0 +1,44 @@
+"""Command-line errors shared by every entry point: a mistake ends with one line on stderr and exit code 2.
+
+    generate.py, train.py lm, train.py codec, python -m musicgen_lite.evaluate,
+    python -m musicgen_lite.data.scores
+
+all parse with `ArgumentParser` (argparse's own errors: one line, exit 2), raise `UsageError` for
+input that parses but cannot be used, and run their body through `run_command`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+
+class UsageError(Exception):
+    """Bad input on the command line or in the files it names: one line, exit code 2, nothing written."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its own errors also reported as one line and exit code 2 (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def run_command(
+    prog: str | None,
+    body: Callable[[], int],
+    interrupted: str,
+    errors: tuple[type[BaseException], ...] = (UsageError,),
+) -> int:
+    """body()'s exit code; one of `errors` prints "PROG: error: ..." and gives 2, Ctrl-C prints
+    "PROG: <interrupted>" and gives 130 (without the "PROG: " when prog is None)."""
+    lead = "" if prog is None else f"{prog}: "
+    try:
+        return body()
+    except errors as e:
+        print(f"{lead}error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{lead}{interrupted}", file=sys.stderr)
+        return 130

@@ -1,0 +1,92 @@
+"""What the LM trainer reads: segments of cached token clips, batches with their captions and melody, caption augmentation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from conditioning.chroma import ChromaExtractor
+
+from ..audio_data import Clip, chroma_span
+
+
+def chroma_frames(seconds: float, extractor: ChromaExtractor) -> int:
+    """Chroma frames the extractor gives for `seconds` of audio (1 + samples // hop, centred frames)."""
+    return 1 + int(seconds * extractor.sample_rate) // extractor.hop_length
+
+
+@dataclass
+class Batch:
+    codes: Tensor  # [B, K, T] long; the special token after a clip's end
+    valid: Tensor  # [B, T] bool; False after a clip's end
+    captions: list[str | None]
+    chroma: Tensor | None  # [B, C] pitch class per chroma frame (melody models)
+
+
+class Segments:
+    """An endless stream of training segments (clip, start frame, use the melody track) of `frames`
+    token frames. Epoch e cuts every clip into max(1, T // frames) segments from a random offset,
+    shuffles them all and picks the rows conditioned on a melody track (all from seed and e), so
+    position p is segment p % n of epoch p // n and the order needs no saved state."""
+
+    def __init__(self, clips: list[Clip], frames: int, seed: int, track_prob: float = 0.0):
+        self.clips, self.frames, self.seed = clips, frames, seed
+        self.track_prob = track_prob if any(c.melody is not None for c in clips) else 0.0
+        self.counts = [max(1, c.frames // frames) for c in clips]
+        self.n = sum(self.counts)
+        self._epoch: tuple[int, list[tuple[int, int, bool]]] = (-1, [])
+
+    def epoch(self, e: int) -> list[tuple[int, int, bool]]:
+        if self._epoch[0] != e:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+            segs = []
+            for i, (clip, count) in enumerate(zip(self.clips, self.counts)):
+                slack = clip.frames - count * self.frames
+                offset = int(torch.randint(slack + 1, (1,), generator=g)) if slack > 0 else 0
+                segs += [(i, offset + j * self.frames) for j in range(count)]
+            segs = [segs[j] for j in torch.randperm(len(segs), generator=g).tolist()]
+            tracks = (torch.rand(len(segs), generator=g) < self.track_prob).tolist() if self.track_prob else [False] * len(segs)
+            self._epoch = (e, [(i, start, track) for (i, start), track in zip(segs, tracks)])
+        return self._epoch[1]
+
+    def __getitem__(self, position: int) -> tuple[int, int, bool]:
+        e, i = divmod(position, self.n)
+        return self.epoch(e)[i]
+
+
+def validation_segments(clips: list[Clip], frames: int, limit: int) -> list[tuple[int, int, bool]]:
+    """Non-overlapping segments of every validation clip, conditioned on melody tracks where there
+    are any (the way the model is used); at most `limit`, evenly spread."""
+    segs = [(i, j * frames, True) for i, c in enumerate(clips) for j in range(max(1, c.frames // frames))]
+    if len(segs) > limit:
+        segs = [segs[int(i)] for i in np.linspace(0, len(segs) - 1, limit).round()]
+    return segs
+
+
+def make_batch(clips: list[Clip], segs: list[tuple[int, int, bool]], frames: int, special: int,
+               chroma_rate: float | None, chroma_length: int, frame_rate: float) -> Batch:
+    k = clips[0].codes.shape[0]
+    codes = torch.full((len(segs), k, frames), special, dtype=torch.long)
+    valid = torch.zeros(len(segs), frames, dtype=torch.bool)
+    for row, (i, start, _) in enumerate(segs):
+        part = clips[i].codes[:, start : start + frames]
+        codes[row, :, : part.shape[1]] = part
+        valid[row, : part.shape[1]] = True
+    chroma = None
+    if chroma_rate is not None:
+        chroma = torch.stack([chroma_span(clips[i], s, frame_rate, chroma_rate, chroma_length, track)
+                              for i, s, track in segs]).long()
+    return Batch(codes, valid, [clips[i].file.caption for i, _, _ in segs], chroma)
+
+
+def augment_caption(caption: str, generator: torch.Generator) -> str:
+    """A random non-empty subset of the caption's comma-separated fields, in random order."""
+    fields = [f.strip() for f in caption.split(",") if f.strip()]
+    if len(fields) < 2:
+        return caption
+    keep = int(torch.randint(1, len(fields) + 1, (1,), generator=generator))
+    return ", ".join(fields[i] for i in torch.randperm(len(fields), generator=generator)[:keep].tolist())
+

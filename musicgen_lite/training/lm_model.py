@@ -1,0 +1,139 @@
+"""The model an LM run trains: building it (from --model, or a preset and a codec), its trainable state, the teacher-forced loss, and publishing it into the run folder."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from codebooks.audio import move_entries
+from codebooks.codec import EncodecCodec
+from conditioning.chroma import ChromaConditioner, ChromaExtractor
+from conditioning.null import drop_conditions
+from conditioning.text import T5Conditioner
+
+from ..audio_data import AudioFile
+from ..checkpoints import load_model, state_digest
+from ..cli_errors import UsageError
+from ..lm import LMConfig, TransformerLM
+from ..model import MusicGen, layout_conditions
+from .lm_batches import chroma_frames
+from .lm_config import PRESETS, TOKENIZER_VOCAB, Config
+
+
+def init_weights(lm: TransformerLM) -> None:
+    """GPT-2 style: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 * layers)."""
+    for name, p in lm.named_parameters():
+        if p.ndim == 2:
+            std = 0.02 / math.sqrt(2 * lm.cfg.num_layers) if name.endswith(("out.weight", "fc2.weight")) else 0.02
+            nn.init.normal_(p, 0.0, std)
+
+
+def build_base(cfg: Config, files: list[AudioFile], path: Path) -> None:
+    """Write the run's starting model to `path` (from --model, or from a preset and --codec)."""
+    if cfg.model is not None:
+        try:
+            model = load_model(cfg.model)
+        except (ValueError, FileNotFoundError) as e:
+            raise UsageError(str(e)) from None
+        if cfg.melody and not model.has_melody:
+            raise UsageError(f"--melody needs a melody model, and {cfg.model} has no melody conditioning")
+        model.save_pretrained(path)
+        return
+    try:
+        codec = EncodecCodec.from_pretrained(cfg.codec)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load --codec {cfg.codec}: {str(e).splitlines()[0]}") from None
+    preset = PRESETS[cfg.preset]
+    lm_cfg = LMConfig(
+        num_codebooks=codec.num_codebooks, codebook_size=codec.codebook_size, dim=preset.dim, num_heads=preset.heads,
+        num_layers=preset.layers, ffn_dim=preset.ffn, conditioning="prefix" if cfg.melody else "cross",
+    )
+    with torch.random.fork_rng(), tempfile.TemporaryDirectory() as tokenizer_dir:
+        torch.manual_seed(cfg.seed)
+        lm = TransformerLM(lm_cfg)
+        init_weights(lm)
+        if cfg.text_encoder is not None:
+            try:
+                text = T5Conditioner.from_pretrained(cfg.text_encoder, dim=preset.dim)
+            except (OSError, ValueError) as e:
+                raise UsageError(f"cannot load --text-encoder {cfg.text_encoder}: {str(e).splitlines()[0]}") from None
+        else:
+            captions = sorted({f.caption for f in files if f.caption and f.split == "train"})
+            if not captions:
+                raise UsageError("no training file has a caption to build a tokenizer from; give --text-encoder")
+            text = T5Conditioner.from_captions(
+                captions, preset.dim, tokenizer_dir, vocab_size=TOKENIZER_VOCAB, d_model=preset.t5_dim,
+                num_layers=preset.t5_layers, num_heads=preset.t5_heads, d_kv=preset.t5_dim // preset.t5_heads,
+                d_ff=preset.t5_ffn, seed=cfg.seed,
+            )
+        chroma = None
+        if cfg.melody:  # the chroma of one training segment (the extractor's defaults: 32 kHz, hop 4096)
+            seconds = max(1, round(cfg.segment_seconds * codec.frame_rate)) / codec.frame_rate
+            chroma = ChromaConditioner(preset.dim, chroma_length=chroma_frames(seconds, ChromaExtractor()))
+        model = MusicGen(lm, codec, text, chroma, max_duration=cfg.segment_seconds, extend_stride=0.6 * cfg.segment_seconds)
+        model.save_pretrained(path)
+
+
+def trainable_state(model: MusicGen) -> dict[str, Tensor]:
+    """Everything a checkpoint holds: the model without the codec and without a frozen text encoder."""
+    frozen = ("codec.",) + (("text.encoder.",) if model.text.freeze else ())
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(frozen)}
+
+
+class TeacherForcing(nn.Module):
+    """The trainable parts of a MusicGen and one teacher-forced pass over a batch of segments:
+    -> (summed cross-entropy [K], scored codes [K]) per codebook."""
+
+    def __init__(self, model: MusicGen):
+        super().__init__()
+        self.lm, self.text, self.chroma = model.lm, model.text, model.chroma
+        self.pattern = model.pattern
+
+    def forward(self, codes: Tensor, valid: Tensor, texts: list[str], captioned: Tensor, chroma: Tensor | None,
+                condition_dropout: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        cfg = self.lm.cfg
+        emb, mask = self.text(texts)  # [B, L, D], [B, L]
+        feats = None if chroma is None else F.one_hot(chroma, self.chroma.num_chroma).float()  # [B, C, 12]
+        if generator is not None:  # training: classifier-free guidance dropout of text and melody together
+            emb, mask, feats = drop_conditions(emb, mask, feats, condition_dropout, generator)
+        emb = emb * captioned[:, None, None]  # an uncaptioned row always gets the null text
+        mask = mask * captioned[:, None]
+        cond = layout_conditions(cfg.conditioning, emb, mask, self.chroma, feats)
+        seq = self.pattern.build(codes, cfg.special_token)  # [B, K, S]
+        real = self.pattern.build(valid[:, None].expand(-1, cfg.num_codebooks, -1).long(), 0).bool()  # [B, K, S]
+        logits = self.lm(seq[:, :, :-1], cond)  # [B, K, S-1, codebook_size]: step s predicts step s + 1
+        scored = real[:, :, 1:]  # a real code (not an empty pattern slot, not past the clip's end)
+        targets = seq[:, :, 1:].masked_fill(~scored, -100)
+        ce = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(), ignore_index=-100, reduction="none")
+        return ce.view_as(targets).sum(dim=(0, 2)), scored.sum(dim=(0, 2))  # [K], [K]
+
+
+def publish(model: MusicGen, run: Path) -> None:
+    """Write the model into the run folder itself (config.json, model.safetensors, codec/,
+    text_encoder/) beside checkpoints/ and log.csv: staged in full, then each entry renamed into place,
+    config.json last."""
+    staged = run / ".final"
+    model.save_pretrained(staged)
+    move_entries(staged, run)
+    staged.rmdir()
+
+
+def remove_leftovers(run: Path) -> None:
+    """Temporary files and folders of writes that a killed run left half done."""
+    for path in [*(run / "checkpoints").glob(".*"), *run.glob(".old-*"), *run.glob("..final.*"), run / ".final"]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def weights_digest(model: MusicGen) -> str:
+    return state_digest(trainable_state(model))
+
+
