@@ -69,6 +69,7 @@ def assert_transformers_decodes_it(model, directory, prompts, melody=None):
         np.testing.assert_array_equal(ours.tokens, theirs.numpy(), err_msg=prompt)
 
 
+@pytest.mark.slow
 def test_a_trained_melody_model_exports_to_musicgen_melody(melody_model, tmp_path):
     from transformers import MusicgenMelodyForConditionalGeneration
 
@@ -79,6 +80,7 @@ def test_a_trained_melody_model_exports_to_musicgen_melody(melody_model, tmp_pat
     assert_transformers_decodes_it(melody_model, directory, PROMPTS[:1], melody=synth_hum([60, 64, 67, 72]))
 
 
+@pytest.mark.slow
 def test_a_fine_tuned_musicgen_exports_to_musicgen(cross_model, tmp_path):
     from transformers import MusicgenForConditionalGeneration
 
@@ -108,6 +110,7 @@ def test_export_refusals(tiny_musicgen_dir, tmp_path):
 # -- loading ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_loading_builds_no_transformers_musicgen_class(tiny_musicgen_dir, tiny_melody_dir):
     code = (
         "import sys, musicgen_lite\n"
@@ -149,6 +152,7 @@ def test_weights_are_read_in_any_float_dtype(tmp_path):
     assert torch.equal(out, half.float())
 
 
+@pytest.mark.slow
 def test_a_model_that_generated_saves_and_fine_tunes(tiny_musicgen_dir, data_dir, tmp_path):
     model = musicgen_lite.load_model(tiny_musicgen_dir)
     before = musicgen_lite.generate(PROMPTS, duration=0.2, model=model, top_k=1)  # packs its step weights
