@@ -59,17 +59,32 @@ TOP_K, GUIDANCE = 250, 3.0
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}  # per Linear weight
 
 
+def text_and_codec_configs(pad_token_id: int, eos_token_id: int):
+    """The T5 encoder (t5-base) and EnCodec (facebook/encodec_32khz) configs of every MusicGen size."""
+    from transformers import EncodecConfig, T5Config
+
+    text = T5Config(  # t5-base
+        vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12,
+        feed_forward_proj="relu", pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+    )
+    audio = EncodecConfig(  # facebook/encodec_32khz
+        sampling_rate=32000, audio_channels=1, upsampling_ratios=[8, 5, 4, 4], target_bandwidths=[2.2],
+        codebook_size=2048, hidden_size=128, num_filters=64, num_residual_layers=1, num_lstm_layers=2,
+        norm_type="weight_norm", use_causal_conv=False, use_conv_shortcut=False, pad_mode="reflect",
+        chunk_length_s=None, overlap=None, normalize=False,
+    )
+    return text, audio
+
+
 def build_checkpoint(path: Path) -> Path:
     """Random weights in the musicgen-small layout, saved as transformers writes them; skipped if present."""
     if (path / "model.safetensors").is_file() and (path / "tokenizer_config.json").is_file():
         return path
     from transformers import (
-        EncodecConfig,
         GenerationConfig,
         MusicgenConfig,
         MusicgenDecoderConfig,
         MusicgenForConditionalGeneration,
-        T5Config,
     )
 
     from conditioning.text import train_sentencepiece_tokenizer
@@ -78,16 +93,7 @@ def build_checkpoint(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     tokenizer = train_sentencepiece_tokenizer(CAPTIONS, tmp, vocab_size=256)
-    text = T5Config(  # t5-base
-        vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12,
-        feed_forward_proj="relu", pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    audio = EncodecConfig(  # facebook/encodec_32khz
-        sampling_rate=32000, audio_channels=1, upsampling_ratios=[8, 5, 4, 4], target_bandwidths=[2.2],
-        codebook_size=2048, hidden_size=128, num_filters=64, num_residual_layers=1, num_lstm_layers=2,
-        norm_type="weight_norm", use_causal_conv=False, use_conv_shortcut=False, pad_mode="reflect",
-        chunk_length_s=None, overlap=None, normalize=False,
-    )
+    text, audio = text_and_codec_configs(tokenizer.pad_token_id, tokenizer.eos_token_id)
     decoder = MusicgenDecoderConfig(  # musicgen-small
         vocab_size=2048, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
         num_codebooks=4, max_position_embeddings=2048, pad_token_id=2048, bos_token_id=2048,

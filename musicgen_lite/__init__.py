@@ -2,6 +2,7 @@
 
 from .api import GenerationResult, generate, generate_continuation
 from .checkpoints import load_model
+from .export import export
 from .lm import LMConfig, TransformerLM
 from .model import MusicGen
 
@@ -10,6 +11,7 @@ __all__ = [
     "LMConfig",
     "MusicGen",
     "TransformerLM",
+    "export",
     "generate",
     "generate_continuation",
     "load_model",

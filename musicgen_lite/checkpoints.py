@@ -1,26 +1,40 @@
 """Loading models: the project's own directories and Hugging Face MusicGen / MusicGen-Melody checkpoints.
 
-A transformers checkpoint (the format of facebook/musicgen-small and facebook/musicgen-melody)
-is read with transformers itself; the T5 encoder and the EnCodec model are used as they are, and
-the decoder's tensors are renamed (q/k/v and the K heads fused) into a `TransformerLM`.
+A transformers checkpoint (the format of facebook/musicgen-small and facebook/musicgen-melody,
+sharded or not) is read straight from its safetensors files: the decoder's tensors go into a
+`TransformerLM` built empty, q/k/v and the K heads fused as they are read (`decoder_sources` is the
+table), and the T5 encoder and EnCodec become their own transformers classes, built from the
+sub-configs. transformers' MusicGen modelling classes are never built, and no second copy of the
+weights is ever held. Such a model batches as transformers does (`MusicGen.batch_like_transformers`),
+which token-exactness with transformers needs; the project's own models keep the flag they were
+saved with in config.json.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+try:  # how transformers 5 configs refuse a mistyped field
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # older huggingface_hub: transformers 4 configs raise TypeError
+    StrictDataclassError = TypeError
+
 from codebooks.codec import EncodecCodec
 from conditioning.chroma import ChromaConditioner
 from conditioning.text import T5Conditioner
 
-from .lm import PRECISIONS, LMConfig, TransformerLM
+from .checksums import verify_manifest
+from .lm import PRECISIONS, RENAMED_KEYS, LMConfig, TransformerLM
 from .model import FORMAT, MusicGen
 from .quiet import transformers_silenced
+from .sampling import intra_op_threads
+from .weight_files import SafetensorsFile, WeightFiles
 
 HF_MODEL_TYPES = ("musicgen", "musicgen_melody")
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
@@ -31,25 +45,73 @@ def load_model(path_or_id: str | Path, precision: str = "fp32") -> MusicGen:
     `precision` ("fp32", "bf16", "fp16" or "int8") is the LM's, see `TransformerLM.set_precision`."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    with transformers_silenced():
-        model = _load(resolve_model_path(path_or_id))
+    model = _load(resolve_model_path(path_or_id))
     model.lm.set_precision(precision)
     return model
 
 
 def _load(path: Path) -> MusicGen:
+    # one intra-op thread: loading is many small operations (building T5 and EnCodec, their weight-norm
+    # set-up), and handing each to a second thread costs more than it saves; on 2 shared cores the
+    # bundled model loaded in 2.2 s with 2 threads, 0.3 s with 1. Large copies stay memory-bound.
+    # transformers' loading bars and notices stay off the caller's terminal while it builds T5 and EnCodec.
+    with intra_op_threads(1), transformers_silenced():
+        return _load_directory(path)
+
+
+def _load_directory(path: Path) -> MusicGen:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{path} is not a model directory (no config.json)")
+    verify_manifest(path)
     try:
         cfg = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{config_file} is not a JSON object")
+    check_files(path)
     if cfg.get("format") == FORMAT:
+        check_config(cfg, config_file)
         return _checked(path, MusicGen.from_pretrained, path)
     if cfg.get("model_type") in HF_MODEL_TYPES:
         return _checked(path, from_transformers, path)
     raise ValueError(f"{path} holds neither a musicgen_lite model nor a transformers MusicGen checkpoint")
+
+
+def check_config(cfg: dict, where: Path) -> None:
+    """The values of a musicgen_lite config.json, each of the type it must have: one line naming the
+    first that is not, instead of a TypeError from deep inside a constructor."""
+    lm = cfg.get("lm")
+    if not isinstance(lm, dict):
+        raise ValueError(f"{where}: no lm section")
+    lm = {RENAMED_KEYS.get(k, k): v for k, v in lm.items()}
+    kinds = {"int": (int, "a positive integer"), "float": ((int, float), "a number"), "str": (str, "a string")}
+    for f in fields(LMConfig):
+        kind, words = kinds[getattr(f.type, "__name__", f.type)]
+        value = lm.get(f.name, f.default)
+        if isinstance(value, bool) or not isinstance(value, kind) or (kind is int and value < 1):
+            raise ValueError(f"{where}: lm.{f.name} must be {words}, got {value!r}")
+    try:
+        LMConfig.from_dict(lm)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    for name in ("max_duration", "extend_stride"):
+        value = cfg.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{where}: {name} must be a positive number of seconds, got {value!r}")
+    if not isinstance(cfg.get("batch_like_transformers", False), bool):
+        raise ValueError(f"{where}: batch_like_transformers must be true or false, got {cfg['batch_like_transformers']!r}")
+    if cfg.get("chroma") is not None:
+        if not isinstance(cfg["chroma"], dict):
+            raise ValueError(f"{where}: chroma must be an object or null")
+        _ints(cfg["chroma"], tuple(cfg["chroma"]), where, section="chroma")
+
+
+def check_files(path: Path) -> None:
+    """The header of every safetensors file against the file's size, before anything is read."""
+    for file in sorted(path.rglob("*.safetensors")):
+        SafetensorsFile(file).close()
 
 
 def load_default_model(precision: str = "fp32") -> MusicGen:
@@ -61,8 +123,7 @@ def load_default_model(precision: str = "fp32") -> MusicGen:
             "no default model is bundled with this installation; pass model=PATH "
             "(a musicgen_lite model directory or a Hugging Face MusicGen checkpoint)"
         )
-    with transformers_silenced():
-        model = MusicGen.from_pretrained(DEFAULT_MODEL_DIR)
+    model = _load(DEFAULT_MODEL_DIR)
     model.lm.set_precision(precision)
     return model
 
@@ -89,69 +150,138 @@ def resolve_model_path(path_or_id: str | Path) -> Path:
 
 
 def _checked(path: Path, loader, *args) -> MusicGen:
-    """Turn the many ways an incomplete directory fails into one clear error."""
+    """Turn the many ways an incomplete directory or a mistyped sub-config fails into one clear error."""
     try:
         return loader(*args)
-    except (OSError, KeyError, RuntimeError, EnvironmentError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a complete model directory: {first}") from None
+    except (OSError, KeyError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a complete model directory: {_first_line(e)}") from None
+    except (TypeError, StrictDataclassError) as e:  # transformers' configs check their own fields' types
+        raise ValueError(f"{path}: a config.json holds a value of the wrong type: {_one_line(e)}") from None
 
 
 def from_transformers(path: str | Path) -> MusicGen:
-    """Convert a `MusicgenForConditionalGeneration` / `MusicgenMelodyForConditionalGeneration` directory."""
-    from transformers import AutoTokenizer, MusicgenForConditionalGeneration, MusicgenMelodyForConditionalGeneration
-
-    model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
-    hf_class = MusicgenMelodyForConditionalGeneration if model_type == "musicgen_melody" else MusicgenForConditionalGeneration
-    hf = hf_class.from_pretrained(path, local_files_only=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    dec = hf.config.decoder
-    if getattr(dec, "audio_channels", 1) != 1:
-        raise ValueError("stereo MusicGen checkpoints are not supported")
-    cfg = LMConfig(
-        num_codebooks=dec.num_codebooks,
-        codebook_size=dec.vocab_size,
-        dim=dec.hidden_size,
-        num_heads=dec.num_attention_heads,
-        num_layers=dec.num_hidden_layers,
-        ffn_dim=dec.ffn_dim,
-        activation=dec.activation_function,
-        conditioning="prefix" if model_type == "musicgen_melody" else "cross",
+    """A `MusicgenForConditionalGeneration` / `MusicgenMelodyForConditionalGeneration` directory as a `MusicGen`."""
+    from transformers import (
+        AutoTokenizer,
+        EncodecConfig,
+        EncodecModel,
+        T5Config,
+        T5EncoderModel,
     )
-    lm = TransformerLM(cfg)
-    lm.load_state_dict(convert_decoder_state(hf.decoder.state_dict(), cfg))
-    text_proj = getattr(hf, "enc_to_dec_proj", None) or nn.Identity()
-    text = T5Conditioner(hf.text_encoder, tokenizer, dim=cfg.dim, proj=text_proj)
-    chroma = None
-    if model_type == "musicgen_melody":
-        chroma = ChromaConditioner(dim=cfg.dim, chroma_length=hf.config.chroma_length, num_chroma=hf.config.num_chroma)
-        audio_proj = getattr(hf, "audio_enc_to_dec_proj", None)
-        if audio_proj is not None:
-            chroma.proj.load_state_dict(audio_proj.state_dict())
-    codec = EncodecCodec(hf.audio_encoder, num_codebooks=cfg.num_codebooks)
+
+    path = Path(path)
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text())
+    melody = config["model_type"] == "musicgen_melody"
+    for section in ("decoder", "text_encoder", "audio_encoder"):
+        if not isinstance(config.get(section), dict):
+            raise ValueError(f"{config_file}: no {section} sub-config")
+    lm_cfg = hf_decoder_config(config["decoder"], melody, config_file)
+    with WeightFiles(path) as weights:
+        with torch.device("meta"):
+            lm = TransformerLM(lm_cfg)
+        weights.fill(lm, decoder_sources(lm_cfg))
+        encoder = _hf_module(T5EncoderModel, T5Config, config, "text_encoder", weights, config_file)
+        text_proj = nn.Identity()
+        if "enc_to_dec_proj.weight" in weights:
+            text_proj = nn.Linear(*reversed(weights.shape("enc_to_dec_proj.weight")))
+            text_proj.load_state_dict(weights.state_dict("enc_to_dec_proj."))
+        chroma = None
+        if melody:
+            chroma = ChromaConditioner(dim=lm_cfg.dim, **_ints(config, ("chroma_length", "num_chroma"), config_file))
+            if isinstance(chroma.proj, nn.Linear):
+                chroma.proj.load_state_dict(weights.state_dict("audio_enc_to_dec_proj."))
+        codec_model = _hf_module(EncodecModel, EncodecConfig, config, "audio_encoder", weights, config_file)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    text = T5Conditioner(encoder, tokenizer, dim=lm_cfg.dim, proj=text_proj)
+    codec = EncodecCodec(codec_model, num_codebooks=lm_cfg.num_codebooks)
     return MusicGen(lm, codec, text, chroma, batch_like_transformers=True).eval()  # token-exact batching with transformers
 
 
-def convert_decoder_state(hf: dict[str, Tensor], cfg: LMConfig) -> dict[str, Tensor]:
-    """transformers `Musicgen(Melody)ForCausalLM` state dict -> `TransformerLM` state dict."""
-    src = "model.decoder."
-    out = {f"embed.{k}.weight": hf[f"{src}embed_tokens.{k}.weight"] for k in range(cfg.num_codebooks)}
-    out["norm.weight"], out["norm.bias"] = hf[f"{src}layer_norm.weight"], hf[f"{src}layer_norm.bias"]
-    out["heads.weight"] = torch.cat([hf[f"lm_heads.{k}.weight"] for k in range(cfg.num_codebooks)])
+def hf_decoder_config(dec: dict, melody: bool, where: Path) -> LMConfig:
+    """A transformers `MusicgenDecoderConfig` (as a dict) -> `LMConfig`, its values checked."""
+    sizes = ("num_codebooks", "vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "ffn_dim")
+    values = _ints(dec, sizes, where, section="decoder")
+    activation = dec.get("activation_function", "gelu")
+    if not isinstance(activation, str):
+        raise ValueError(f"{where}: decoder.activation_function must be a string, got {activation!r}")
+    if dec.get("audio_channels", 1) != 1:
+        raise ValueError("stereo MusicGen checkpoints are not supported")
+    if dec.get("scale_embedding", False):
+        raise ValueError(f"{where}: decoder.scale_embedding is not supported (MusicGen checkpoints do not use it)")
+    try:
+        return LMConfig(
+            num_codebooks=values["num_codebooks"],
+            codebook_size=values["vocab_size"],
+            dim=values["hidden_size"],
+            num_heads=values["num_attention_heads"],
+            num_layers=values["num_hidden_layers"],
+            ffn_dim=values["ffn_dim"],
+            activation=activation,
+            conditioning="prefix" if melody else "cross",
+        )
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def decoder_sources(cfg: LMConfig) -> dict[str, list[str]]:
+    """`TransformerLM` tensor -> the transformers checkpoint tensors that, stacked along the first
+    dimension, make it: q/k/v into one `qkv`, cross k/v into one `kv`, the K `lm_heads` into `heads`."""
+    src = "decoder.model.decoder."
+    out = {f"embed.{k}.weight": [f"{src}embed_tokens.{k}.weight"] for k in range(cfg.num_codebooks)}
+    out["norm.weight"], out["norm.bias"] = [f"{src}layer_norm.weight"], [f"{src}layer_norm.bias"]
+    out["heads.weight"] = [f"decoder.lm_heads.{k}.weight" for k in range(cfg.num_codebooks)]
     for i in range(cfg.num_layers):
         a, b = f"{src}layers.{i}.", f"layers.{i}."
-        out[b + "self_attn.qkv.weight"] = torch.cat([hf[f"{a}self_attn.{p}_proj.weight"] for p in "qkv"])
-        out[b + "self_attn.out.weight"] = hf[f"{a}self_attn.out_proj.weight"]
-        for ours, theirs in (("norm_self", "self_attn_layer_norm"), ("norm_ffn", "final_layer_norm")):
-            out[f"{b}{ours}.weight"], out[f"{b}{ours}.bias"] = hf[f"{a}{theirs}.weight"], hf[f"{a}{theirs}.bias"]
-        out[b + "fc1.weight"], out[b + "fc2.weight"] = hf[f"{a}fc1.weight"], hf[f"{a}fc2.weight"]
+        out[b + "self_attn.qkv.weight"] = [f"{a}self_attn.{p}_proj.weight" for p in "qkv"]
+        out[b + "self_attn.out.weight"] = [f"{a}self_attn.out_proj.weight"]
+        norms = [("norm_self", "self_attn_layer_norm"), ("norm_ffn", "final_layer_norm")]
         if cfg.conditioning == "cross":
-            out[b + "cross_attn.q.weight"] = hf[f"{a}encoder_attn.q_proj.weight"]
-            out[b + "cross_attn.kv.weight"] = torch.cat([hf[f"{a}encoder_attn.{p}_proj.weight"] for p in "kv"])
-            out[b + "cross_attn.out.weight"] = hf[f"{a}encoder_attn.out_proj.weight"]
-            out[b + "norm_cross.weight"] = hf[f"{a}encoder_attn_layer_norm.weight"]
-            out[b + "norm_cross.bias"] = hf[f"{a}encoder_attn_layer_norm.bias"]
+            norms.append(("norm_cross", "encoder_attn_layer_norm"))
+            out[b + "cross_attn.q.weight"] = [f"{a}encoder_attn.q_proj.weight"]
+            out[b + "cross_attn.kv.weight"] = [f"{a}encoder_attn.{p}_proj.weight" for p in "kv"]
+            out[b + "cross_attn.out.weight"] = [f"{a}encoder_attn.out_proj.weight"]
+        for ours, theirs in norms:
+            out[f"{b}{ours}.weight"], out[f"{b}{ours}.bias"] = [f"{a}{theirs}.weight"], [f"{a}{theirs}.bias"]
+        out[b + "fc1.weight"], out[b + "fc2.weight"] = [f"{a}fc1.weight"], [f"{a}fc2.weight"]
     return out
+
+
+def _ints(values: dict, names: tuple[str, ...], where: Path, section: str = "") -> dict[str, int]:
+    """`values[name]` for each name, each a positive integer, else one line naming the field."""
+    out = {}
+    for name in names:
+        field = f"{section}.{name}" if section else name
+        if name not in values:
+            raise ValueError(f"{where}: no {field}")
+        v = values[name]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{where}: {field} must be a positive integer, got {v!r}")
+        out[name] = v
+    return out
+
+
+def _hf_module(model_class, config_class, config: dict, section: str, weights: WeightFiles, where: Path) -> nn.Module:
+    """A transformers model (T5 encoder, EnCodec) from a sub-config and the checkpoint's `section.` tensors."""
+    try:
+        sub_config = config_class.from_dict(config[section])
+    except (TypeError, ValueError, StrictDataclassError) as e:
+        raise ValueError(f"{where}: the {section} sub-config is invalid: {_one_line(e)}") from None
+    state = weights.state_dict(f"{section}.")
+    try:
+        model = model_class.from_pretrained(None, config=sub_config, state_dict=state, dtype=torch.float32)
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise ValueError(f"{where}: the {section} sub-config does not build a {model_class.__name__}: {_first_line(e)}") from None
+    return model.eval()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
 def state_digest(tensors: dict[str, Tensor], header: bytes = b"") -> str:

@@ -26,9 +26,9 @@ A decoding step multiplies a handful of rows (the conditional and null rows of c
 guidance) with every weight, so on a CPU it is bound by reading the weights from memory:
 
     packed weights   BLAS re-packs the weight of a few-row product at every call, reading it
-                     more than once; `new_cache` keeps copies of the step's weights in oneDNN's
-                     blocked layout (made once, kept while the weights are unchanged), which a
-                     product streams once
+                     more than once; `new_cache` moves the step's weights into oneDNN's blocked
+                     layout, which a product streams once (in place of the plain weights, which
+                     come back exactly on any other use; see packing.py)
     null rows        the null rows' text states are zero under an all-zero mask, so their
                      cross-attention output is exactly zero: they skip it
     set_precision    bf16, fp16 or int8 weights: fewer bytes per step, at some cost in exactness
@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .packing import pack
 from .rows import pack_rows, row_invariant_attention
 
 ACTIVATIONS = {
@@ -302,12 +303,6 @@ class TransformerLM(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.heads = nn.Linear(cfg.dim, cfg.num_codebooks * cfg.codebook_size, bias=False)  # K heads, fused
         self._positions = torch.empty(0, cfg.dim)
-        # name -> (weight, (its address, its version), oneDNN copy); holding the weight keeps another
-        # tensor from taking its address while the copy is kept
-        self._packed: dict[str, tuple[Tensor, tuple[int, int], Tensor]] = {}
-
-    def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_packed": {}}  # oneDNN tensors do not pickle or copy; they are remade
 
     @property
     def device(self) -> torch.device:
@@ -338,7 +333,6 @@ class TransformerLM(nn.Module):
             for module, name, child in linears:
                 setattr(module, name, PackedLinear(child.weight, precision))
         self.precision = precision
-        self._packed = {}
         return self
 
     def positions(self, start: int, length: int, like: Tensor) -> Tensor:
@@ -413,21 +407,14 @@ class TransformerLM(nn.Module):
         return cache
 
     def _packed_weights(self, rows: int) -> dict[nn.Module, Tensor]:
-        """oneDNN copies of the step's Linear weights, made for `rows`-row products and reused until a
-        weight changes (new storage or an in-place update). {} where oneDNN cannot take the dtype."""
+        """The step's Linear weights in oneDNN's layout for `rows`-row products (packed on first use, kept
+        until something else uses a weight). {} where oneDNN cannot take the dtype."""
         supported = {torch.float32: True, torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported()}
         if self.device.type != "cpu" or not torch.backends.mkldnn.is_available() or not supported.get(self.dtype):
             return {}
-        step_linears = {n: m for n, m in self.named_modules() if isinstance(m, nn.Linear) and not n.endswith("cross_attn.kv")}
-        packed = {}
-        for name, module in step_linears.items():
-            w = module.weight
-            stamp = (w.data_ptr(), w._version)
-            cached = self._packed.get(name)
-            if cached is None or cached[0] is not w or cached[1] != stamp:
-                self._packed[name] = (w, stamp, torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows))
-            packed[module] = self._packed[name][2]
-        return packed
+        return {
+            m: pack(m, rows) for n, m in self.named_modules() if isinstance(m, nn.Linear) and not n.endswith("cross_attn.kv")
+        }
 
     def step(self, tokens: Tensor, cache: KVCache, conditions: LMConditions | None = None) -> Tensor:
         """Feed new steps [N, K, T] (T >= 1) through the cache; returns the logits of the last step,

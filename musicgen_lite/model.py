@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from codebooks.codec import EncodecCodec
@@ -35,8 +35,10 @@ from conditioning.chroma import ChromaConditioner
 from conditioning.null import null_chroma_features, null_text
 from conditioning.text import T5Conditioner
 
+from .checksums import write_manifest
 from .lm import LMConditions, LMConfig, TransformerLM
 from .sampling import SamplingParams, generate_tokens
+from .weight_files import WeightFiles
 
 FORMAT = "musicgen_lite"
 
@@ -209,7 +211,8 @@ class MusicGen(nn.Module):
         }
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write config.json, model.safetensors (LM + projections), codec/ and text_encoder/.
+        """Write config.json, model.safetensors (LM + projections), codec/, text_encoder/ and the
+        checksums of them all (checksums.sha256).
         Everything goes to a temporary sibling directory first and is renamed into place."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,30 +226,26 @@ class MusicGen(nn.Module):
         (tmp / "config.json").write_text(json.dumps(self.config_dict(), indent=2))
         self.codec.save_pretrained(tmp / "codec")
         self.text.save_pretrained(tmp / "text_encoder")
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        write_manifest(tmp)
+        move_into_place(tmp, path)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "MusicGen":
+    def from_pretrained(cls, path: str | Path) -> MusicGen:
         path = Path(path)
         cfg = json.loads((path / "config.json").read_text())
         if cfg.get("format") != FORMAT:
             raise ValueError(f"{path} is not a {FORMAT} model directory")
-        tensors = load_file(path / "model.safetensors")
-        lm = TransformerLM(LMConfig.from_dict(cfg["lm"]))
-        lm.load_state_dict(_strip(tensors, "lm."))
-        text = T5Conditioner.from_pretrained(path / "text_encoder", dim=lm.cfg.dim)
-        if not isinstance(text.proj, nn.Identity):
-            text.proj.load_state_dict(_strip(tensors, "text_proj."))
-        chroma = None
-        if cfg.get("chroma") is not None:
-            chroma = ChromaConditioner(dim=lm.cfg.dim, **cfg["chroma"])
-            chroma.load_state_dict(_strip(tensors, "chroma."))
+        with WeightFiles(path) as weights:  # the LM is built empty and filled, not initialised and overwritten
+            with torch.device("meta"):
+                lm = TransformerLM(LMConfig.from_dict(cfg["lm"]))
+            weights.fill(lm, {name: [f"lm.{name}"] for name in lm.state_dict()})
+            text = T5Conditioner.from_pretrained(path / "text_encoder", dim=lm.cfg.dim)
+            if not isinstance(text.proj, nn.Identity):
+                text.proj.load_state_dict(weights.state_dict("text_proj."))
+            chroma = None
+            if cfg.get("chroma") is not None:
+                chroma = ChromaConditioner(dim=lm.cfg.dim, **cfg["chroma"])
+                chroma.load_state_dict(weights.state_dict("chroma."))
         codec = EncodecCodec.from_pretrained(path / "codec", num_codebooks=lm.cfg.num_codebooks)
         model = cls(lm, codec, text, chroma, cfg["max_duration"], cfg["extend_stride"], cfg.get("batch_like_transformers", False))
         return model.eval()
@@ -276,5 +275,12 @@ def layout_conditions(
     return LMConditions(prefix=torch.cat([states, emb], dim=1), prefix_mask=prefix_mask, independent_rows=independent)
 
 
-def _strip(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+def move_into_place(tmp: Path, path: Path) -> None:
+    """Rename the finished directory `tmp` to `path`, replacing what was there (its sibling)."""
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+        os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)

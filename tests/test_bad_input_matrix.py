@@ -42,6 +42,7 @@ def files(tmp_path_factory, tiny_musicgen_dir):
     data.mkdir()
     for i in range(6):
         sf.write(data / f"tone{i}.wav", 0.3 * np.sin(np.arange(32000 * 2) / (5 + i)).astype(np.float32), 32000)
+    broken_models(root, tiny_musicgen_dir)
     return root
 
 
@@ -104,7 +105,64 @@ CASES = [
     ("app", "seed beyond 64 bits", dict(seed=2**70), "from 0 to 2**64 - 1"),
     ("api", "MIDI melody without notes", dict(melody="@no_notes.mid"), "no notes"),
     ("generate.py", "MIDI melody without notes", ["--text", "x", "--melody", "@no_notes.mid"], "no notes"),
+] + [  # corrupt and mistyped model directories (issue #13, points 3 and 4), through every entry point that loads one
+    row
+    for name, case, message in [
+        ("truncated_weights", "truncated model.safetensors", "corrupt"),
+        ("garbled_header", "model.safetensors with a flipped header byte", "corrupt"),
+        ("empty_weights", "empty model.safetensors", "corrupt"),
+        ("flipped_data", "own model with a flipped weight byte (checksum)", "corrupt"),
+        ("mistyped_config", "own config.json with a mistyped value", "num_heads"),
+        ("mistyped_hf_config", "transformers config.json with a mistyped value", "num_attention_heads"),
+        ("mistyped_codec_config", "own codec/config.json with a mistyped value", "hidden_size"),
+        ("mistyped_hf_subconfig", "transformers text_encoder sub-config with a mistyped value", "d_model"),
+    ]
+    for row in [
+        ("api", case, dict(model=f"@{name}"), message),
+        ("generate.py", case, ["--text", "x", "--model", f"@{name}"], message),
+        ("train.py lm", case, ["lm", "--data", "@data", "--out", "@run", "--model", f"@{name}"], message),
+    ]
 ]
+
+
+def broken_models(root, tiny_musicgen_dir) -> None:
+    """Copies of the tiny checkpoint (transformers' format) and of the same model saved in ours, each
+    broken in one way: truncated, garbled or emptied weights, one flipped weight byte, a mistyped value."""
+    import json
+    import shutil
+
+    import musicgen_lite
+
+    own = root / "own_model"
+    musicgen_lite.load_model(tiny_musicgen_dir).save_pretrained(own)
+
+    def copy(source, name):
+        shutil.copytree(source, root / name)
+        return root / name
+
+    weights = copy(tiny_musicgen_dir, "truncated_weights") / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    weights = copy(tiny_musicgen_dir, "garbled_header") / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8 + int.from_bytes(data[:8], "little") // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    (copy(tiny_musicgen_dir, "empty_weights") / "model.safetensors").write_bytes(b"")
+    weights = copy(own, "flipped_data") / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x01  # a valid file still: only the checksum can tell
+    weights.write_bytes(bytes(data))
+    for source, name, file, section, key in [
+        (own, "mistyped_config", "config.json", "lm", "num_heads"),
+        (own, "mistyped_codec_config", "codec/config.json", None, "hidden_size"),
+        (tiny_musicgen_dir, "mistyped_hf_config", "config.json", "decoder", "num_attention_heads"),
+        (tiny_musicgen_dir, "mistyped_hf_subconfig", "config.json", "text_encoder", "d_model"),
+    ]:
+        directory = copy(source, name)
+        if source == own:  # as a config edited by hand, its checksums dropped
+            (directory / "checksums.sha256").unlink()
+        values = json.loads((directory / file).read_text())
+        (values[section] if section else values)[key] = "four"
+        (directory / file).write_text(json.dumps(values))
 
 
 def _resolve(args: list[str], root) -> list[str]:

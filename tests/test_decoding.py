@@ -9,6 +9,7 @@ import torch
 
 import musicgen_lite
 from musicgen_lite.lm import attending_rows
+from musicgen_lite.packing import packed_weight
 
 CAPTIONS = ["mozart sonata allegro in a bright major key with fast runs", "sad adagio"]
 
@@ -53,22 +54,31 @@ def test_rows_with_text_or_a_mask_are_not_silent():
     assert attending_rows(torch.zeros(2, 5, 8), torch.zeros(2, 5)) == 0
 
 
-def test_packed_weights_give_the_plain_products_and_follow_weight_updates(tiny_musicgen_dir):
+def test_packed_weights_replace_the_plain_ones_give_the_plain_products_and_follow_weight_updates(tiny_musicgen_dir):
     fresh = musicgen_lite.load_model(tiny_musicgen_dir)  # its weights are changed below
     lm, conditions = fresh.lm, fresh.conditions(CAPTIONS, None, guided=True)
+    plain = copy.deepcopy(lm)  # the reference: the same weights, decoded with plain products
     tokens = torch.randint(0, lm.cfg.codebook_size, (4, lm.cfg.num_codebooks, 3), generator=torch.Generator().manual_seed(1))
     cache = lm.new_cache(conditions, 3)
     assert len(cache.packed) == 6 * lm.cfg.num_layers + 1  # self qkv/out, cross q/out, fc1, fc2 per layer; heads
     assert lm.new_cache(conditions, 3).packed[lm.heads] is cache.packed[lm.heads]  # made once, reused
-    torch.testing.assert_close(step_logits(lm, conditions, tokens, True), step_logits(lm, conditions, tokens, False))
+    for module, packed in cache.packed.items():  # in place of the plain weight, not beside it
+        assert packed_weight(module) is packed and dict.__getitem__(module._parameters, "weight").numel() == 0
+    torch.testing.assert_close(step_logits(lm, conditions, tokens, True), step_logits(plain, conditions, tokens, False))
     with torch.no_grad():
-        lm.layers[0].fc1.weight.mul_(2.0)  # an in-place update (as an optimizer step makes) repacks
-    lm.layers[1].fc2.weight = torch.nn.Parameter(torch.randn_like(lm.layers[1].fc2.weight))  # so does a new tensor
+        for m in (lm, plain):
+            m.layers[0].fc1.weight.mul_(2.0)  # an in-place update (as an optimizer step makes) repacks
+    new = torch.randn_like(plain.layers[1].fc2.weight)
+    lm.layers[1].fc2.weight = torch.nn.Parameter(new.clone())  # so does a new tensor
+    plain.layers[1].fc2.weight = torch.nn.Parameter(new)
     repacked = lm.new_cache(conditions, 3).packed
     assert repacked[lm.layers[0].fc1] is not cache.packed[lm.layers[0].fc1]
     assert repacked[lm.layers[1].fc2] is not cache.packed[lm.layers[1].fc2]
     assert repacked[lm.heads] is cache.packed[lm.heads]
-    torch.testing.assert_close(step_logits(lm, conditions, tokens, True), step_logits(lm, conditions, tokens, False))
+    torch.testing.assert_close(step_logits(lm, conditions, tokens, True), step_logits(plain, conditions, tokens, False))
+    for (name, a), b in zip(lm.state_dict().items(), plain.state_dict().values()):  # unpacked exactly
+        assert torch.equal(a, b), name
+    assert packed_weight(lm.heads) is None
 
 
 def test_decoding_threads_do_not_change_tokens_or_the_callers_thread_count(model):
@@ -86,9 +96,9 @@ def test_decoding_threads_do_not_change_tokens_or_the_callers_thread_count(model
 
 def test_an_lm_with_packed_weights_copies_and_pickles(model):
     model.lm.new_cache(model.conditions(["x"], None, guided=True), 2)  # packs
-    assert model.lm._packed
+    assert packed_weight(model.lm.heads) is not None
     for clone in (copy.deepcopy(model.lm), pickle.loads(pickle.dumps(model.lm))):
-        assert clone._packed == {}
+        assert all(packed_weight(m) is None for m in clone.modules() if isinstance(m, torch.nn.Linear))
         for a, b in zip(clone.state_dict().values(), model.lm.state_dict().values()):
             assert torch.equal(a, b)
 

@@ -1,0 +1,208 @@
+"""Reading safetensors checkpoints memory-mapped, checked, one tensor at a time, into tensors that exist.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header
+`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}` and the tensors'
+bytes. `SafetensorsFile` maps the file and checks the whole header against the file's size before
+anything is read, so a truncated, emptied or garbled file is refused with one line naming it.
+`read_into` copies one tensor straight into its destination (a slice of a fused weight, say),
+converting the dtype on the way, and then lets the kernel drop the pages it read: loading holds one
+copy of the weights, not the file's pages beside them.
+
+`WeightFiles` is a checkpoint directory's weights: `model.safetensors`, or the shards listed by
+`model.safetensors.index.json`, as one name -> tensor mapping.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100_000_000  # the format's own limit
+
+
+class CorruptFile(ValueError):
+    """A weights file that cannot be what it claims to be (truncated, garbled, emptied)."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path} is corrupt: {why}")
+
+
+class SafetensorsFile:
+    """One .safetensors file: its header checked against the file, its tensors read on demand."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            size = self.path.stat().st_size
+            if size < 8:
+                raise CorruptFile(self.path, f"{size} bytes, shorter than the 8-byte header length")
+            (header_bytes,) = struct.unpack("<Q", f.read(8))
+            if header_bytes > min(MAX_HEADER_BYTES, size - 8):
+                raise CorruptFile(self.path, f"its header claims {header_bytes} bytes of a {size}-byte file")
+            self.entries = _parse_header(self.path, f.read(header_bytes))
+            self.start = 8 + header_bytes  # where the tensors' bytes begin
+            end = max((e[2][1] for e in self.entries.values()), default=0)
+            if self.start + end != size:
+                raise CorruptFile(self.path, f"the header describes {self.start + end} bytes, the file has {size}")
+            # a private, copy-on-write mapping: writable for torch.frombuffer, never written
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if end else None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def read_into(self, name: str, out: Tensor) -> None:
+        """Copy tensor `name` into `out` (same shape; any dtype), then release the pages it was read from."""
+        dtype, shape, (begin, end) = self.entries[name]
+        if tuple(out.shape) != shape:
+            raise ValueError(f"{self.path}: tensor {name} has shape {list(shape)}, expected {list(out.shape)}")
+        if begin == end:
+            return
+        itemsize = dtype.itemsize
+        source = torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // itemsize, offset=self.start + begin)
+        with torch.no_grad():
+            out.copy_(source.view(shape))
+        if hasattr(mmap, "MADV_DONTNEED"):  # the pages read are clean: dropping them costs nothing
+            page = mmap.PAGESIZE
+            first, last = (self.start + begin) // page * page, -(-(self.start + end) // page) * page
+            self._map.madvise(mmap.MADV_DONTNEED, first, min(last, len(self._map)) - first)
+
+    def tensor(self, name: str) -> Tensor:
+        """A fresh tensor holding `name`, in the file's dtype."""
+        dtype, shape, _ = self.entries[name]
+        out = torch.empty(shape, dtype=dtype)
+        self.read_into(name, out)
+        return out
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+
+def _parse_header(path: Path, raw: bytes) -> dict[str, tuple[torch.dtype, tuple[int, ...], tuple[int, int]]]:
+    """name -> (dtype, shape, (begin, end)), every field checked, the tensors' byte ranges disjoint."""
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CorruptFile(path, "its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise CorruptFile(path, "its header is not a JSON object")
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(info["shape"])
+            begin, end = info["data_offsets"]
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (*shape, begin, end)):
+                raise TypeError
+        except (KeyError, TypeError, ValueError):
+            raise CorruptFile(path, f"the header entry of {name!r} is malformed") from None
+        numel = 1
+        for n in shape:
+            numel *= n
+        if end - begin != numel * dtype.itemsize:
+            raise CorruptFile(path, f"tensor {name!r} of shape {list(shape)} spans {end - begin} bytes")
+        entries[name] = (dtype, shape, (begin, end))
+    position = 0
+    for name, (_, _, (begin, end)) in sorted(entries.items(), key=lambda e: e[1][2]):
+        if begin != position:
+            raise CorruptFile(path, f"the bytes of tensor {name!r} do not follow the previous tensor's")
+        position = end
+    return entries
+
+
+class WeightFiles:
+    """The weights of a checkpoint directory (one file or index + shards): name -> tensor, read on demand."""
+
+    def __init__(self, directory: str | Path, single: str = SINGLE_FILE, index: str = INDEX_FILE):
+        directory = Path(directory)
+        self.directory = directory
+        weight_map = None
+        if (directory / single).is_file():
+            shards = [single]
+        elif (directory / index).is_file():
+            try:
+                weight_map = json.loads((directory / index).read_text())["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+                raise CorruptFile(directory / index, "it is not a safetensors index (a JSON weight_map)") from None
+            missing = [s for s in shards if not (directory / s).is_file()]
+            if missing:
+                raise ValueError(f"{directory} is not a complete model directory: shard {missing[0]} is missing")
+        else:
+            raise ValueError(f"{directory} is not a complete model directory: no {single} or {index}")
+        self._files = [SafetensorsFile(directory / shard) for shard in shards]
+        self._where = {name: file for file in self._files for name in file.entries}
+        absent = [name for name in weight_map or () if name not in self._where]
+        if absent:
+            raise CorruptFile(directory / weight_map[absent[0]], f"tensor {absent[0]!r} of the index is not in it")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def _file(self, name: str) -> SafetensorsFile:
+        if name not in self._where:
+            raise ValueError(f"{self.directory} is not a complete model directory: it has no tensor {name}")
+        return self._where[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._file(name).shape(name)
+
+    def read_into(self, name: str, out: Tensor) -> None:
+        self._file(name).read_into(name, out)
+
+    def tensor(self, name: str) -> Tensor:
+        return self._file(name).tensor(name)
+
+    def state_dict(self, prefix: str) -> dict[str, Tensor]:
+        """Every tensor whose name starts with `prefix`, the prefix stripped."""
+        return {name[len(prefix):]: self.tensor(name) for name in self._where if name.startswith(prefix)}
+
+    def fill(self, module: nn.Module, sources: dict[str, list[str]]) -> None:
+        """Give every parameter and buffer of `module` its values: `sources[name]` lists the tensors that,
+        concatenated along the first dimension, make it (q/k/v into one fused weight, say). A module built
+        on the meta device gets its storage here, uninitialised, and is filled in place."""
+        if any(t.is_meta for t in module.state_dict().values()):
+            module.to_empty(device="cpu")
+            stray = [  # what a module built on meta holds outside its state_dict would stay meta, or garbage
+                f"{prefix}.{name}".lstrip(".")
+                for prefix, m in module.named_modules()
+                for name in [*m._non_persistent_buffers_set,
+                             *(n for n, v in vars(m).items() if isinstance(v, Tensor) and v.is_meta and v.numel())]
+            ]
+            if stray:
+                raise AssertionError(f"{type(module).__name__}.{stray[0]} is not in its state_dict; it cannot be built empty")
+        for name, target in module.state_dict(keep_vars=True).items():
+            parts = sources[name]
+            rows = [self.shape(part)[0] if self.shape(part) else 1 for part in parts]
+            if sum(rows) != (target.shape[0] if target.dim() else 1):
+                shapes = ", ".join(f"{p} {list(self.shape(p))}" for p in parts)
+                raise ValueError(f"{self.directory}: {shapes} cannot make {name} of shape {list(target.shape)}")
+            offset = 0
+            for part, n in zip(parts, rows):
+                self.read_into(part, target.data[offset : offset + n] if len(parts) > 1 else target.data)
+                offset += n
+
+    def close(self) -> None:
+        for file in self._files:
+            file.close()
+
+    def __enter__(self) -> WeightFiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

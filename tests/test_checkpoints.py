@@ -1,0 +1,208 @@
+"""Checkpoints in and out: transformers' directories read directly (sharded or not, no MusicGen modelling
+class), a loaded model saved and fine-tuned after it generated, and `musicgen_lite.export`: our models,
+trained here, decode in transformers exactly as they do in musicgen_lite."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import save_file
+
+import musicgen_lite
+from hum import synth_hum
+from musicgen_lite.training import lm as train_lm
+from musicgen_lite.checkpoints import load_default_model
+from musicgen_lite.weight_files import SafetensorsFile
+from tiny_models import hf_greedy_tokens, load_hf
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["mozart sonata allegro in a bright major key with fast runs", "sad adagio", "bach chorale, organ"]
+FRAMES = 20
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Six captioned sine-tone clips, two of them for validation."""
+    d = tmp_path_factory.mktemp("export_data")
+    t = np.arange(2 * 32000) / 32000
+    for i, caption in enumerate(["bach chorale, organ", "mozart sonata, piano", "sad adagio, strings",
+                                 "chopin nocturne, piano", "haydn quartet", "satie gymnopedie"]):
+        sf.write(d / f"clip{i}.wav", (0.3 * np.sin(2 * np.pi * (220 + 40 * i) * t)).astype(np.float32), 32000)
+        (d / f"clip{i}.txt").write_text(caption)
+    return d
+
+
+def trained(tmp_path_factory, data_dir, *args) -> musicgen_lite.MusicGen:
+    run = tmp_path_factory.mktemp("export_run") / "run"
+    fast = ["--segment-seconds", "0.5", "--batch-size", "4", "--num-workers", "0", "--max-steps", "3", "--lr", "1e-2"]
+    assert train_lm.main(["--data", str(data_dir), "--out", str(run), *fast, *map(str, args)]) == 0
+    return musicgen_lite.load_model(run)
+
+
+@pytest.fixture(scope="module")
+def melody_model(tmp_path_factory, data_dir, tiny_musicgen_dir):
+    """Built like the bundled model: a prefix LM with chroma, its own small T5 trained from the captions."""
+    codec = tmp_path_factory.mktemp("export_codec")
+    musicgen_lite.load_model(tiny_musicgen_dir).codec.save_pretrained(codec)
+    return trained(tmp_path_factory, data_dir, "--codec", codec, "--preset", "tiny", "--melody")
+
+
+@pytest.fixture(scope="module")
+def cross_model(tmp_path_factory, data_dir, tiny_musicgen_dir):
+    """A cross-attention MusicGen fine-tuned for a few steps."""
+    return trained(tmp_path_factory, data_dir, "--model", tiny_musicgen_dir)
+
+
+def assert_transformers_decodes_it(model, directory, prompts, melody=None):
+    for prompt in prompts:
+        ours = musicgen_lite.generate(prompt, melody=melody, melody_sample_rate=32000, duration=FRAMES / 50, model=model, top_k=1)
+        features = None if melody is None else model.melody_features([torch.from_numpy(melody)])
+        theirs = hf_greedy_tokens(directory, [prompt], FRAMES, input_features=features)
+        np.testing.assert_array_equal(ours.tokens, theirs.numpy(), err_msg=prompt)
+
+
+@pytest.mark.slow
+def test_a_trained_melody_model_exports_to_musicgen_melody(melody_model, tmp_path):
+    from transformers import MusicgenMelodyForConditionalGeneration
+
+    musicgen_lite.generate("x", duration=0.1, model=melody_model, top_k=1)  # its step weights are packed now
+    directory = musicgen_lite.export(melody_model, tmp_path / "exported")
+    assert isinstance(load_hf(directory)[0], MusicgenMelodyForConditionalGeneration)
+    assert_transformers_decodes_it(melody_model, directory, PROMPTS)
+    assert_transformers_decodes_it(melody_model, directory, PROMPTS[:1], melody=synth_hum([60, 64, 67, 72]))
+
+
+@pytest.mark.slow
+def test_a_fine_tuned_musicgen_exports_to_musicgen(cross_model, tmp_path):
+    from transformers import MusicgenForConditionalGeneration
+
+    directory = musicgen_lite.export(cross_model, tmp_path / "exported")
+    assert isinstance(load_hf(directory)[0], MusicgenForConditionalGeneration)
+    assert_transformers_decodes_it(cross_model, directory, PROMPTS)
+    again = musicgen_lite.load_model(directory)  # and it loads back as any transformers checkpoint does
+    a = musicgen_lite.generate(PROMPTS, duration=0.2, model=cross_model, top_k=1)
+    b = musicgen_lite.generate(PROMPTS, duration=0.2, model=again, top_k=1)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_the_bundled_model_exports(tmp_path):
+    model = load_default_model()
+    directory = musicgen_lite.export(model, tmp_path / "default")
+    assert_transformers_decodes_it(model, directory, PROMPTS[:2])
+
+
+def test_export_refusals(tiny_musicgen_dir, tmp_path):
+    with pytest.raises(ValueError, match="format must be one of"):
+        musicgen_lite.export(tiny_musicgen_dir, tmp_path / "x", format="onnx")
+    with pytest.raises(ValueError, match="loaded in fp32"):
+        musicgen_lite.export(musicgen_lite.load_model(tiny_musicgen_dir, precision="int8"), tmp_path / "x")
+    assert not list(tmp_path.iterdir())
+
+
+# -- loading ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_loading_builds_no_transformers_musicgen_class(tiny_musicgen_dir, tiny_melody_dir):
+    code = (
+        "import sys, musicgen_lite\n"
+        f"for d in {[str(tiny_musicgen_dir), str(tiny_melody_dir)]!r}:\n"
+        "    musicgen_lite.generate('x', duration=0.1, model=musicgen_lite.load_model(d), top_k=1)\n"
+        "def modelling():\n"
+        "    return sorted(m for m in sys.modules if m.startswith('transformers.models.musicgen') and '.modeling' in m)\n"
+        "print(modelling())\n"
+        "from transformers import MusicgenForConditionalGeneration\n"
+        "print(modelling())\n"  # the check sees such an import when there is one
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    after_loading, after_import = out.strip().splitlines()
+    assert after_loading == "[]"
+    assert "transformers.models.musicgen.modeling_musicgen" in after_import
+
+
+def test_a_sharded_checkpoint_loads_like_the_single_file(tiny_melody_dir, tmp_path):
+    hf, tokenizer = load_hf(tiny_melody_dir)
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="40KB")
+    tokenizer.save_pretrained(sharded)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2 and not (sharded / "model.safetensors").exists()
+    a = musicgen_lite.generate(PROMPTS, duration=0.3, model=musicgen_lite.load_model(sharded), top_k=1)
+    b = musicgen_lite.generate(PROMPTS, duration=0.3, model=musicgen_lite.load_model(tiny_melody_dir), top_k=1)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    shard = sharded / sorted(set(index["weight_map"].values()))[1]
+    shard.unlink()
+    with pytest.raises(ValueError, match=f"shard {shard.name} is missing"):
+        musicgen_lite.load_model(sharded)
+
+
+def test_weights_are_read_in_any_float_dtype(tmp_path):
+    half = torch.randn(5, 3).half()
+    save_file({"w": half}, tmp_path / "w.safetensors")
+    out = torch.empty(5, 3)
+    SafetensorsFile(tmp_path / "w.safetensors").read_into("w", out)
+    assert torch.equal(out, half.float())
+
+
+@pytest.mark.slow
+def test_a_model_that_generated_saves_and_fine_tunes(tiny_musicgen_dir, data_dir, tmp_path):
+    model = musicgen_lite.load_model(tiny_musicgen_dir)
+    before = musicgen_lite.generate(PROMPTS, duration=0.2, model=model, top_k=1)  # packs its step weights
+    model.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "checksums.sha256").is_file()
+    again = musicgen_lite.generate(PROMPTS, duration=0.2, model=musicgen_lite.load_model(tmp_path / "saved"), top_k=1)
+    np.testing.assert_array_equal(before.tokens, again.tokens)
+    run = tmp_path / "run"
+    fast = ["--segment-seconds", "0.5", "--batch-size", "4", "--num-workers", "0", "--max-steps", "2"]
+    assert train_lm.main(["--data", str(data_dir), "--out", str(run), "--model", str(tmp_path / "saved"), *fast]) == 0
+    tuned = musicgen_lite.load_model(run)
+    assert not torch.equal(tuned.lm.heads.weight, model.lm.heads.weight)
+
+
+def test_a_flipped_byte_in_any_file_of_an_own_model_is_caught(tiny_musicgen_dir, tmp_path):
+    musicgen_lite.load_model(tiny_musicgen_dir).save_pretrained(tmp_path / "saved")
+    for name in ("codec/model.safetensors", "text_encoder/model.safetensors", "config.json"):
+        broken = tmp_path / name.replace("/", "_")
+        shutil.copytree(tmp_path / "saved", broken)
+        data = bytearray((broken / name).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (broken / name).write_bytes(bytes(data))
+        with pytest.raises(ValueError, match=f"{name} is corrupt: its sha256 differs"):
+            musicgen_lite.load_model(broken)
+
+
+def test_a_saved_model_keeps_its_batching_under_its_checksums(tiny_melody_dir, tmp_path):
+    """A transformers checkpoint saved in the project's format stays batched as transformers does: the
+    flag is in config.json, which the manifest covers; a mistyped flag is refused in one line."""
+    musicgen_lite.load_model(tiny_melody_dir).save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["batch_like_transformers"] is True
+    assert "  config.json\n" in (tmp_path / "saved" / "checksums.sha256").read_text()
+    (tmp_path / "saved" / "checksums.sha256").unlink()
+    (tmp_path / "saved" / "config.json").write_text(json.dumps({**config, "batch_like_transformers": "yes"}))
+    with pytest.raises(ValueError, match="batch_like_transformers must be true or false, got 'yes'"):
+        musicgen_lite.load_model(tmp_path / "saved")
+
+
+def test_a_module_built_empty_must_hold_nothing_outside_its_state_dict(tmp_path):
+    """Filling a module built on the meta device gives every state_dict tensor its values; a tensor
+    outside the state_dict (a precomputed table, say) would be left meta or uninitialised, so it is refused."""
+    from musicgen_lite.weight_files import WeightFiles
+
+    save_file({"w": torch.randn(4, 3)}, tmp_path / "model.safetensors")
+    with torch.device("meta"):
+        plain, stray = torch.nn.Linear(3, 4, bias=False), torch.nn.Linear(3, 4, bias=False)
+        stray.register_buffer("table", torch.ones(3), persistent=False)
+    with WeightFiles(tmp_path) as weights:
+        weights.fill(plain, {"weight": ["w"]})
+        assert torch.equal(plain.weight, weights.tensor("w"))
+        with pytest.raises(AssertionError, match="table is not in its state_dict"):
+            weights.fill(stray, {"weight": ["w"]})
