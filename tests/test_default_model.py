@@ -62,13 +62,14 @@ def test_first_command_writes_five_seconds_of_music_offline(tmp_path):
 
 
 def _with_lm_config(tmp_path: Path, rename: dict[str, str], extra: dict | None = None) -> Path:
-    """The shipped model directory (files linked, not copied) with its config.json's "lm" keys renamed."""
+    """The shipped model directory (files linked, not copied) with its config.json's "lm" keys renamed
+    (an edited copy: the shipped checksums no longer apply to it and are left out)."""
     import json
 
     out = tmp_path / "model"
     out.mkdir(parents=True)
     for entry in DEFAULT_MODEL_DIR.iterdir():
-        if entry.name != "config.json":
+        if entry.name not in ("config.json", "checksums.sha256"):
             (out / entry.name).symlink_to(entry)
     config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
     config["lm"] = {rename.get(k, k): v for k, v in config["lm"].items()} | (extra or {})
