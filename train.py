@@ -10,8 +10,9 @@ import sys
 COMMANDS = {
     "lm": ("musicgen_lite.training.lm", "train or fine-tune the MusicGen language model on a folder of audio"),
     "codec": ("musicgen_lite.training.codec", "train an EnCodec-style codec (written as a transformers EncodecModel)"),
+    "decoder": ("musicgen_lite.training.codec_decoder", "fine-tune a codec's decoder alone (its tokens stay the same)"),
 }
-USAGE = "usage: train.py {lm,codec} [options]"
+USAGE = "usage: train.py {lm,codec,decoder} [options]"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -382,3 +382,28 @@ def test_checkpoints_of_the_earlier_format_are_refused_in_one_line(tmp_path, cap
     assert main(["--data", str(data), "--out", str(tmp_path / "run"), *TINY]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "earlier version" in err[0] and "new --out" in err[0]
+
+
+@pytest.mark.slow
+def test_decoder_fine_tuning_keeps_every_token_and_changes_only_the_decoder(tmp_path):
+    """train.py decoder: the tuned codec encodes audio to exactly the same codes (an LM trained on them
+    stays valid), and only decoder weights moved."""
+    from transformers import EncodecModel
+
+    import train
+    from musicgen_lite.checkpoints import DEFAULT_MODEL_DIR
+
+    data = tmp_path / "data"
+    data.mkdir()
+    t = np.arange(32000 * 3) / 32000
+    for i, hz in enumerate((220.0, 330.0, 440.0, 550.0)):
+        sf.write(data / f"tone{i}.wav", (0.3 * np.sin(2 * np.pi * hz * t) * np.exp(-t % 0.5)).astype(np.float32), 32000)
+    codec_dir = DEFAULT_MODEL_DIR / "codec"
+    out = tmp_path / "run"
+    assert train.main(["decoder", "--codec", str(codec_dir), "--data", str(data), "--out", str(out),
+                       "--max-steps", "2", "--batch-size", "2", "--valid-segments", "2", "--lr", "1e-3"]) == 0
+    before, after = EncodecModel.from_pretrained(codec_dir), EncodecModel.from_pretrained(out)
+    moved = {name for name, p in after.state_dict().items() if not torch.equal(p, before.state_dict()[name])}
+    assert moved and all(name.startswith("decoder.") for name in moved)
+    wav = torch.from_numpy(sf.read(data / "tone1.wav", dtype="float32")[0])[None, None]
+    assert torch.equal(EncodecCodec.from_pretrained(codec_dir).encode(wav), EncodecCodec.from_pretrained(out).encode(wav))
