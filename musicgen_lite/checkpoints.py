@@ -17,6 +17,7 @@ from codebooks.codec import EncodecCodec
 from conditioning.chroma import ChromaConditioner
 from conditioning.text import T5Conditioner
 
+from .generation_config import read_generation_defaults
 from .lm import PRECISIONS, LMConfig, TransformerLM
 from .model import FORMAT, MusicGen
 
@@ -45,7 +46,9 @@ def _load(path: Path) -> MusicGen:
     if cfg.get("format") == FORMAT:
         return _checked(path, MusicGen.from_pretrained, path)
     if cfg.get("model_type") in HF_MODEL_TYPES:
-        return _checked(path, from_transformers, path)
+        model = _checked(path, from_transformers, path)
+        model.generation_defaults = read_generation_defaults(path)
+        return model
     raise ValueError(f"{path} holds neither a musicgen_lite model nor a transformers MusicGen checkpoint")
 
 

@@ -27,7 +27,8 @@ guidance) with every weight, so on a CPU it is bound by reading the weights from
                      cross-attention output is exactly zero: they skip it
     set_precision    bf16, fp16 or int8 weights: fewer bytes per step, at some cost in exactness
 
-The sampling loop runs these steps on `TransformerLM.decode_threads` intra-op threads (see sampling.py).
+The sampling loop runs these steps on `TransformerLM.decode_threads` intra-op threads, by default all
+that torch is allowed to use (see sampling.py).
 """
 
 from __future__ import annotations
@@ -254,9 +255,9 @@ class TransformerLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.precision = "fp32"
-        # intra-op threads of the sampling loop on a CPU: one core already streams the weights at about
-        # the memory bandwidth, and more threads hand off every small operation (costly on a busy machine)
-        self.decode_threads = 1
+        # intra-op threads of the sampling loop on a CPU; None: the threads torch is allowed to use
+        # (torch.get_num_threads()). A `threads` argument of the sampling loop wins over it.
+        self.decode_threads: int | None = None
         self.embed = nn.ModuleList(nn.Embedding(cfg.card + 1, cfg.dim) for _ in range(cfg.num_codebooks))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)

@@ -48,14 +48,14 @@ def test_errors_reach_the_page_as_messages_and_the_model_loads_lazily(app, tiny_
 
     missing = app.Generator(str(tmp_path / "no_model"))  # nothing is loaded until a request comes
     with pytest.raises(gr.Error, match="does not exist"):
-        missing("piano", None, 0.5, 250, 0.0, 1.0, 3.0, 0)
+        list(missing("piano", None, 0.5, 250, 0.0, 1.0, 3.0, 0))
     hum = tmp_path / "hum.wav"
     sf.write(hum, synth_hum([60, 64]), 32000)
     text_only = app.Generator(str(tiny_musicgen_dir))
     with pytest.raises(gr.Error, match="no melody conditioning"):
-        text_only("piano", str(hum), 0.5, 250, 0.0, 1.0, 3.0, 0)
+        list(text_only("piano", str(hum), 0.5, 250, 0.0, 1.0, 3.0, 0))
     with pytest.raises(gr.Error, match="top_k"):
-        text_only("piano", None, 0.5, 0, 0.0, 1.0, 3.0, 0)
+        list(text_only("piano", None, 0.5, 0, 0.0, 1.0, 3.0, 0))
 
 
 def test_the_page_in_a_headless_browser(app, tiny_melody_dir, tmp_path):

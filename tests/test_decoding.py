@@ -79,7 +79,7 @@ def test_decoding_threads_do_not_change_tokens_or_the_callers_thread_count(model
     try:
         two = musicgen_lite.generate(CAPTIONS, duration=0.3, model=model, top_k=1)
     finally:
-        model.lm.decode_threads = 1
+        model.lm.decode_threads = None
     np.testing.assert_array_equal(one.tokens, two.tokens)
     assert torch.get_num_threads() == before
 
