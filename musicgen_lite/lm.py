@@ -125,6 +125,7 @@ class KVCache:
         self.cross_bias: Tensor | None = None  # [attending, 1, 1, L] additive mask
         self.attending = rows
         self.packed: dict[nn.Module, Tensor] = {}  # Linear -> its weight in oneDNN's layout
+        self.embed_table: Tensor | None = None  # [K * (card + 1), D] the K embedding tables, stacked
 
 
 def linear(module: nn.Module, x: Tensor, cache: KVCache | None) -> Tensor:
@@ -363,6 +364,7 @@ class TransformerLM(nn.Module):
             mask = None if conditions.cross_mask is None else conditions.cross_mask[: cache.attending]
             cache.cross, cache.cross_bias = self._cross(conditions.cross[: cache.attending], mask)
         cache.packed = self._packed_weights(rows)
+        cache.embed_table = torch.cat([e.weight for e in self.embed]).detach()
         return cache
 
     def _packed_weights(self, rows: int) -> dict[nn.Module, Tensor]:
@@ -385,6 +387,8 @@ class TransformerLM(nn.Module):
     def step(self, tokens: Tensor, cache: KVCache, conditions: LMConditions | None = None) -> Tensor:
         """Feed new steps [N, K, T] (T >= 1) through the cache; returns the logits of the last step,
         [N, K, card]. The prefix (prefix models) is prepended on the first call, when the cache is empty."""
+        if tokens.shape[-1] == 1 and cache.length and not self.training:
+            return self._step_one(tokens[:, :, 0], cache)
         x = self.embed_tokens(tokens)
         if cache.length == 0 and conditions is not None and conditions.prefix is not None:
             x = torch.cat([conditions.prefix.to(x), x], dim=1)
@@ -393,6 +397,39 @@ class TransformerLM(nn.Module):
             x = layer(x, cache, i, cache.cross[i] if cache.cross else None, cache.cross_bias)
         cache.length += x.shape[1]
         return self._logits(self.norm(x[:, -1:]), cache)[:, :, 0]
+
+
+    def _step_one(self, tokens: Tensor, cache: KVCache) -> Tensor:
+        """`step` for one new token per row [N, K] after a filled cache, the decoding loop's case: the same
+        operations as the layers' forward (so the same numbers), without their module calls, reshapes
+        and per-codebook loop. A single position needs no head transposes: [N, H, 1, hd] is [N, D]."""
+        cfg = self.cfg
+        n, d, heads, eps = tokens.shape[0], cfg.dim, cfg.num_heads, cfg.norm_eps
+        offsets = torch.arange(cfg.num_codebooks, device=tokens.device) * (cfg.card + 1)
+        x = F.embedding(tokens + offsets, cache.embed_table).sum(1)  # [N, D]: e_0 + e_1 + ... in order
+        pos = cache.length
+        x = x + self.positions(pos, 1, x)[0]
+        for i, layer in enumerate(self.layers):
+            norm = layer.norm_self
+            h = F.layer_norm(x, (d,), norm.weight, norm.bias, eps)
+            q, k, v = linear(layer.self_attn.qkv, h, cache).view(n, 3, heads, 1, d // heads).unbind(1)  # [N, H, 1, hd]
+            cache.k[i, :, :, pos : pos + 1] = k
+            cache.v[i, :, :, pos : pos + 1] = v
+            y = F.scaled_dot_product_attention(q, cache.k[i, :, :, : pos + 1], cache.v[i, :, :, : pos + 1])
+            x = x + linear(layer.self_attn.out, y.view(n, d), cache)
+            if layer.cross_attn is not None and cache.attending:
+                a, norm = cache.attending, layer.norm_cross
+                h = F.layer_norm(x[:a], (d,), norm.weight, norm.bias, eps)
+                q = linear(layer.cross_attn.q, h, cache).view(a, heads, 1, d // heads)
+                y = F.scaled_dot_product_attention(q, *cache.cross[i], attn_mask=cache.cross_bias)
+                h = linear(layer.cross_attn.out, y.view(a, d), cache)
+                x = x + h if a == n else torch.cat([x[:a] + h, x[a:]])
+            norm = layer.norm_ffn
+            h = F.layer_norm(x, (d,), norm.weight, norm.bias, eps)
+            x = x + linear(layer.fc2, layer.act(linear(layer.fc1, h, cache)), cache)
+        cache.length += 1
+        h = F.layer_norm(x, (d,), self.norm.weight, self.norm.bias, eps)
+        return linear(self.heads, h, cache).view(n, cfg.num_codebooks, cfg.card)
 
 
 def attending_rows(cross: Tensor, mask: Tensor | None) -> int:

@@ -85,7 +85,9 @@ def sample_next(logits: Tensor, params: SamplingParams, u: Tensor) -> Tensor:
     of the full softmax, without exponentiating the whole vocabulary."""
     if params.greedy:
         return logits.argmax(-1)
-    logits = logits.float() / params.temperature
+    logits = logits.float()
+    if params.temperature != 1.0:  # x / 1 is x: the division is skipped, not changed
+        logits = logits / params.temperature
     if params.top_p > 0.0:
         return sample_top_p(torch.softmax(logits, dim=-1), params.top_p, u)
     top, idx = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1)

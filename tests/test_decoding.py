@@ -116,3 +116,17 @@ def test_precision_errors(tiny_musicgen_dir):
         int8.lm.set_precision("fp16")
     bf16 = musicgen_lite.load_model(tiny_musicgen_dir, precision="bf16")
     assert all(t.dtype == torch.bfloat16 for t in bf16.lm.state_dict().values())
+
+
+@pytest.mark.parametrize("which", ["musicgen", "melody"])
+def test_the_one_token_step_gives_the_layers_numbers_exactly(which, tiny_musicgen_dir, tiny_melody_dir):
+    """The decoding loop's one-token step skips the modules' calls, not their arithmetic."""
+    lm_model = musicgen_lite.load_model(tiny_musicgen_dir if which == "musicgen" else tiny_melody_dir)
+    lm, conditions = lm_model.lm, lm_model.conditions(CAPTIONS, None, guided=True)
+    tokens = torch.randint(0, lm.cfg.card, (4, lm.cfg.num_codebooks, 5), generator=torch.Generator().manual_seed(3))
+    logits = {}
+    for mode in ("fast", "layers"):
+        lm.train(mode == "layers")  # the layer-by-layer path (dropout is 0)
+        logits[mode] = step_logits(lm, conditions, tokens, packed=True)
+    lm.eval()
+    assert torch.equal(logits["fast"], logits["layers"])
