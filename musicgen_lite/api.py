@@ -257,8 +257,8 @@ def generate_stream(
     threads: int | None = None,
     chunk_seconds: float = 1.0,
 ) -> AudioStream:
-    """`generate()`'s audio for one prompt, as float32 [channels, samples] chunks of about
-    `chunk_seconds` while it is generated. Concatenated, the chunks have the length of `generate()`'s
+    """`generate()`'s audio for one prompt, as float32 [channels, samples] chunks while it is generated:
+    the first after about a quarter of `chunk_seconds`, the next ones twice as long up to `chunk_seconds`. Concatenated, the chunks have the length of `generate()`'s
     audio for the same arguments and sound the same (the tokens are identical with the same seed; each
     chunk is decoded from a window of tokens around it, see codebooks/streaming.py).
 
@@ -278,19 +278,27 @@ def generate_stream(
     frames = max(1, round(duration * lm_model.frame_rate))
     chunk_frames = max(1, round(chunk_seconds * lm_model.frame_rate))
     threads = lm_model.lm.decode_threads if threads is None else threads
-    pieces = lm_model.stream_tokens(texts, frames, params, generators, melody=wavs, threads=threads, chunk_frames=chunk_frames)
-    chunks = _on_threads(_decoded(lm_model, pieces), threads)
+    first = max(1, chunk_frames // 4)
+    pieces = lm_model.stream_tokens(texts, frames, params, generators, melody=wavs, threads=threads, chunk_frames=1)
+    chunks = _on_threads(_decoded(lm_model, pieces, first, chunk_frames), threads)
     return AudioStream(chunks, lm_model.sample_rate, lm_model.codec.channels, frames * lm_model.codec.hop_length)
 
 
-def _decoded(model: MusicGen, pieces: Iterator[torch.Tensor]) -> Iterator[np.ndarray]:
-    """[1, K, n] code pieces -> float32 [channels, samples] audio chunks (empty ones skipped)."""
+def _decoded(model: MusicGen, pieces: Iterator[torch.Tensor], first: int, chunk: int) -> Iterator[np.ndarray]:
+    """[1, K, n] code pieces -> float32 [channels, samples] audio chunks. The first chunk is decoded
+    once `first` frames are in, and each next one after twice as many as the last, up to `chunk`:
+    sound starts early, and playback, which runs slower than generation, never waits for the next."""
     decoder = StreamingDecoder(model.codec)
+    waiting, target = [], first  # pieces not yet decoded; frames that make the next chunk
     for piece in pieces:
-        audio = decoder.push(piece)
-        if audio.shape[-1]:
-            yield audio[0].float().cpu().numpy()
-    audio = decoder.flush()
+        waiting.append(piece)
+        if sum(p.shape[-1] for p in waiting) >= target:
+            audio = decoder.push(torch.cat(waiting, dim=-1))
+            waiting, target = [], min(2 * target, chunk)
+            if audio.shape[-1]:
+                yield audio[0].float().cpu().numpy()
+    rest = [decoder.push(torch.cat(waiting, dim=-1))] if waiting else []
+    audio = torch.cat([*rest, decoder.flush()], dim=-1)
     if audio.shape[-1]:
         yield audio[0].float().cpu().numpy()
 

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 from numpy.lib.stride_tricks import sliding_window_view
-from scipy.signal import lfilter, resample_poly
 
 FORMATS = {".wav": "WAV", ".flac": "FLAC"}
 SUBTYPES = ("PCM_16", "FLOAT")
@@ -67,10 +66,12 @@ def loudness(audio: np.ndarray, sample_rate: int) -> float:
     Audio shorter than one 400 ms block is measured as a single block, so that short generations
     can still be normalised.
     """
+    from scipy import signal  # imported on first use: a large import that streaming never needs
+
     audio = _as_channels(audio)
     weighted = audio.astype(np.float64)
     for b, a in k_weighting(sample_rate):
-        weighted = lfilter(b, a, weighted, axis=-1)
+        weighted = signal.lfilter(b, a, weighted, axis=-1)
     power = _block_power(weighted, sample_rate)  # [C, blocks]
     block_loudness = _lufs(power.sum(axis=0))  # [blocks]
     kept = block_loudness > ABSOLUTE_GATE
@@ -87,8 +88,10 @@ def true_peak(audio: np.ndarray) -> float:
     A sine can peak between samples: at a quarter of the sample rate its samples may sit at 0.707 of
     the true peak. Oversampling by a fixed factor makes the estimate independent of the rate.
     """
+    from scipy import signal  # imported on first use, see loudness
+
     audio = _as_channels(audio).astype(np.float64)
-    upsampled = resample_poly(audio, OVERSAMPLING, 1, axis=-1)
+    upsampled = signal.resample_poly(audio, OVERSAMPLING, 1, axis=-1)
     return float(max(np.abs(audio).max(), np.abs(upsampled).max()))
 
 

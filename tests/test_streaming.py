@@ -34,7 +34,8 @@ def test_stream_chunks_add_up_to_generate(model):
     stream = musicgen_lite.generate_stream("a calm chorale", duration=1.0, model=model, seed=4, chunk_seconds=0.2)
     assert (stream.sample_rate, stream.channels, stream.samples) == (32000, 1, whole.audio.shape[-1])
     chunks = list(stream)
-    assert len(chunks) >= 4
+    # sound starts after a quarter chunk; chunks then double up to 0.2 s (10 frames; 4 held back for lookahead)
+    assert [c.shape[-1] // 640 for c in chunks[:4]] == [2, 8, 10, 10]
     assert all(c.dtype == np.float32 and c.ndim == 2 and c.shape[0] == 1 for c in chunks)
     audio = np.concatenate(chunks, axis=-1)
     assert audio.shape == whole.audio[0].shape
