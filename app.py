@@ -20,6 +20,8 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # gradio reads it at import time
 
+import musicgen_lite  # noqa: E402, F401  before anything loads torch: it sets OpenMP's wait policy
+
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 

@@ -29,9 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import musicgen_lite  # noqa: E402  first: it sets OpenMP's wait policy, read once when torch loads
 import torch  # noqa: E402
-
-import musicgen_lite  # noqa: E402
 from musicgen_lite.api import get_model  # noqa: E402
 
 PROMPT = "mozart sonata allegro"

@@ -14,6 +14,11 @@ new piece is decoded inside a window of codes around it:
                it is held back until more codes arrive, or until `flush` at the end
     fade       the first samples of each new part are cross-faded from the previous window's
                decode of them, so that where two windows meet there is no step
+    window     given the most frames one push brings (`piece_frames`), every window once the stream
+               is long enough has the same length, context + piece_frames + lookahead (reaching
+               further back than `context` after a shorter piece): the convolutions' kernels are
+               prepared for each new input length (~0.1-0.5 s each in a fresh process), so a fixed
+               length pays that once
 
 The chunks concatenated have exactly the whole decode's length (frames x hop samples) and differ
 from it by far less than the codec's own error (tests/test_streaming.py measures the SNR).
@@ -30,11 +35,19 @@ from .codec import EncodecCodec
 class StreamingDecoder:
     """Codes [B, K, n] pushed piece by piece -> audio [B, channels, samples] as it becomes final."""
 
-    def __init__(self, codec: EncodecCodec, context_frames: int = 50, lookahead_frames: int = 4, fade_frames: int = 2):
+    def __init__(
+        self,
+        codec: EncodecCodec,
+        context_frames: int = 50,
+        lookahead_frames: int = 4,
+        fade_frames: int = 2,
+        piece_frames: int | None = None,
+    ):
         if not 0 < fade_frames <= lookahead_frames or context_frames < 0:
             raise ValueError("need 0 < fade_frames <= lookahead_frames and context_frames >= 0")
         self.codec = codec
         self.context, self.lookahead, self.fade = context_frames, lookahead_frames, fade_frames
+        self.window = None if piece_frames is None else context_frames + piece_frames + lookahead_frames
         self.codes: Tensor | None = None  # [B, K, frames so far]
         self.emitted = 0  # frames whose audio has been handed out
         self.tail: Tensor | None = None  # the last window's decode of the next `fade` frames' audio
@@ -57,6 +70,8 @@ class StreamingDecoder:
         if until <= self.emitted:
             return self.codes.new_zeros((batch, self.codec.channels, 0), dtype=torch.float32)
         start = max(0, self.emitted - self.context)
+        if self.window is not None:
+            start = max(0, min(start, self.codes.shape[-1] - self.window))
         window = self.codec.decode(self.codes[:, :, start:]).float()  # [B, C, (frames - start) * hop]
         offset = (self.emitted - start) * hop
         new = window[..., offset : (until - start) * hop].clone()

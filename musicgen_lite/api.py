@@ -288,7 +288,7 @@ def _decoded(model: MusicGen, pieces: Iterator[torch.Tensor], first: int, chunk:
     """[1, K, n] code pieces -> float32 [channels, samples] audio chunks. The first chunk is decoded
     once `first` frames are in, and each next one after twice as many as the last, up to `chunk`:
     sound starts early, and playback, which runs slower than generation, never waits for the next."""
-    decoder = StreamingDecoder(model.codec)
+    decoder = StreamingDecoder(model.codec, piece_frames=chunk)
     waiting, target = [], first  # pieces not yet decoded; frames that make the next chunk
     for piece in pieces:
         waiting.append(piece)
