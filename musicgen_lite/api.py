@@ -258,9 +258,10 @@ def generate_stream(
     chunk_seconds: float = 1.0,
 ) -> AudioStream:
     """`generate()`'s audio for one prompt, as float32 [channels, samples] chunks while it is generated:
-    the first after about a quarter of `chunk_seconds`, the next ones twice as long up to `chunk_seconds`. Concatenated, the chunks have the length of `generate()`'s
-    audio for the same arguments and sound the same (the tokens are identical with the same seed; each
-    chunk is decoded from a window of tokens around it, see codebooks/streaming.py).
+    the first after about a quarter of `chunk_seconds` of codes, the next ones twice as long, up to
+    `chunk_seconds`. Concatenated, the chunks have the length of `generate()`'s audio for the same
+    arguments and sound the same (the tokens are identical with the same seed; each chunk is decoded
+    from a window of codes around it, see codebooks/streaming.py). No loudness normalisation.
 
     Arguments are checked and the model is loaded when this is called; the work happens as the
     chunks are taken. `threads` holds while a chunk is being made."""
@@ -287,7 +288,8 @@ def generate_stream(
 def _decoded(model: MusicGen, pieces: Iterator[torch.Tensor], first: int, chunk: int) -> Iterator[np.ndarray]:
     """[1, K, n] code pieces -> float32 [channels, samples] audio chunks. The first chunk is decoded
     once `first` frames are in, and each next one after twice as many as the last, up to `chunk`:
-    sound starts early, and playback, which runs slower than generation, never waits for the next."""
+    sound starts early, and while generation runs at least twice as fast as playback, each chunk is
+    ready before the one before it has played."""
     decoder = StreamingDecoder(model.codec, piece_frames=chunk)
     waiting, target = [], first  # pieces not yet decoded; frames that make the next chunk
     for piece in pieces:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -166,6 +167,10 @@ def generate_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("generate.py: interrupted; nothing written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # --out -: the reader of stdout went away
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exiting flushes nowhere
+        print("generate.py: stdout was closed; stopped", file=sys.stderr)
+        return 1
     for path in outputs:
         print(path)  # none for --out -: stdout holds the WAV
     return 0

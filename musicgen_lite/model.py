@@ -145,8 +145,8 @@ class MusicGen(nn.Module):
         threads: int | None = None,
         chunk_frames: int | None = None,
     ) -> Iterator[Tensor]:
-        """`generate_tokens`' codes as they are made: [B, K, n] pieces in frame order, each of at least
-        `chunk_frames` frames (None: one piece per window) except the last, the prompt's frames first."""
+        """`generate_tokens`' codes as they are made: [B, K, n] pieces in frame order, the prompt's frames
+        first, then pieces of about `chunk_frames` frames (None: one piece per window)."""
         window = max(1, int(self.max_duration * self.frame_rate))
         stride = max(1, int(self.extend_stride * self.frame_rate))
         out = None if prompt is None else prompt.to(self.lm.device)  # every frame so far: [B, K, made]

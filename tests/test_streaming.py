@@ -132,6 +132,17 @@ def test_cli_streams_a_wav_to_stdout_and_nothing_else(tiny_musicgen_dir, tmp_pat
     assert snr_db(streamed, reference) >= 30
 
 
+def test_cli_stops_with_one_line_when_the_reader_goes_away(tiny_musicgen_dir):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    args = ["--text", "piano", "--duration", "2", "--model", str(tiny_musicgen_dir), "--stream", "--out", "-"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout.read(44)[:4] == b"RIFF"
+    proc.stdout.close()  # as `| head -c 44` does
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    assert err.decode().strip().splitlines() == ["generate.py: stdout was closed; stopped"]
+
+
 def test_cli_stream_to_a_file_renames_at_the_end(tiny_musicgen_dir, tmp_path, capsys):
     out = tmp_path / "song.flac"
     code = generate_main(["--text", "piano", "--duration", "0.4", "--model", str(tiny_musicgen_dir), "--stream", "--out", str(out)])
