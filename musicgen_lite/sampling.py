@@ -8,7 +8,7 @@ keep the special token and prompt slots keep the prompt. Randomness comes from o
 
 On a CPU the loop runs on the `threads` it is given, else on `lm.decode_threads`, else on the intra-op
 threads torch is allowed to use (`torch.get_num_threads()`), restoring the caller's thread count
-afterwards. `sample_frames` yields the frames as they complete (streaming); `generate_tokens` collects them.
+afterwards. `sample_frames` yields the frames as they complete, for streaming.
 """
 
 from __future__ import annotations
@@ -191,18 +191,3 @@ def sample_frames(
                 yield piece(ready)
                 done = ready
         bar.close()
-
-
-def generate_tokens(
-    lm: TransformerLM,
-    pattern: CodebookPattern,
-    conditions: LMConditions,
-    frames: int,
-    params: SamplingParams,
-    generators: list[torch.Generator],
-    prompt: Tensor | None = None,
-    progress: bool = False,
-    threads: int | None = None,
-) -> Tensor:
-    """All [B, K, frames] codes of `sample_frames` at once."""
-    return torch.cat(list(sample_frames(lm, pattern, conditions, frames, params, generators, prompt, progress, threads)), dim=-1)
