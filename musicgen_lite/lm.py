@@ -26,6 +26,8 @@ guidance) with every weight, so on a CPU it is bound by reading the weights from
     null rows        the null rows' text states are zero under an all-zero mask, so their
                      cross-attention output is exactly zero: they skip it
     set_precision    bf16, fp16 or int8 weights: fewer bytes per step, at some cost in exactness
+    one-token step   the sampling loop's steps run the layers' arithmetic as one flat function
+                     (`_step_one`): no module calls, no head transposes, one embedding lookup
 
 The sampling loop runs these steps on `TransformerLM.decode_threads` intra-op threads, by default all
 that torch is allowed to use (see sampling.py).
