@@ -31,7 +31,7 @@ def with_generation_config(src, dst, **fields):
     return dst
 
 
-def test_a_transformers_checkpoint_without_sampling_keys_gets_musicgens_defaults(model, tiny_musicgen_dir):
+def test_a_checkpoint_written_like_musicgen_small_has_its_values(model):
     assert model.generation_defaults == SamplingParams(top_k=250, top_p=0.0, temperature=1.0, cfg_coef=3.0)
 
 
