@@ -54,6 +54,8 @@ def test_transformers_generation_config_sampling_values(tiny_musicgen_dir, tmp_p
     assert read_generation_defaults(no_k).top_p == 1.0
     off = with_generation_config(tiny_musicgen_dir, tmp_path / "off", top_p=1.0)  # transformers: top-p off
     assert read_generation_defaults(off) == MUSICGEN_DEFAULTS
+    (off / "generation_config.json").unlink()
+    assert musicgen_lite.load_model(off).generation_defaults == MUSICGEN_DEFAULTS  # no file: MusicGen's
 
 
 def test_the_callers_arguments_win(tiny_musicgen_dir, model, tmp_path):
