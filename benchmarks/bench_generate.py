@@ -39,11 +39,12 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import musicgen_lite  # noqa: E402  first: it sets OpenMP's wait policy, read once when torch loads
+import torch  # noqa: E402
 
 CACHE_DIR = Path.home() / ".cache" / "musicgen_lite" / "bench_small"
 CAPTIONS = [
@@ -198,8 +199,6 @@ def hf_generate(hf, tokenizer, seconds: float, seed: int, greedy: bool = False):
 
 
 def ours_generate(model, seconds: float, seed: int, greedy: bool = False):
-    import musicgen_lite
-
     decode = Timed(model.codec.decode)
     model.codec.decode = decode
     try:
@@ -211,7 +210,7 @@ def ours_generate(model, seconds: float, seed: int, greedy: bool = False):
 
 
 def ours_threads(contenders: dict) -> int:
-    return next(m.lm.decode_threads for m in contenders.values() if m is not None)
+    return next(m.lm.decode_threads or torch.get_num_threads() for m in contenders.values() if m is not None)
 
 
 # -- peak memory, in a fresh process ------------------------------------------------------------
@@ -269,7 +268,7 @@ def main() -> None:
     ap.add_argument("--precision", nargs="*", default=["bf16", "fp16", "int8"], choices=["bf16", "fp16", "int8"],
                     help="also time musicgen_lite at these opt-in precisions (default: all three; none: --precision)")
     ap.add_argument("--decode-threads", type=int, default=None,
-                    help="musicgen_lite's TransformerLM.decode_threads (default: the library's, 1)")
+                    help="musicgen_lite's TransformerLM.decode_threads (default: the library's, all of --threads)")
     ap.add_argument("--skip-default", action="store_true", help="do not time the bundled default model")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--checkpoint", type=Path, default=CACHE_DIR, help=f"benchmark checkpoint (default {CACHE_DIR})")
@@ -286,8 +285,6 @@ def main() -> None:
         return memory_worker(args.memory_worker, path, 1.0, args.decode_threads)
 
     import transformers
-
-    import musicgen_lite
 
     print(f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; torch {torch.__version__} "
           f"({args.threads} threads), transformers {transformers.__version__}; load average {load()}")

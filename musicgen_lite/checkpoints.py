@@ -30,6 +30,7 @@ from conditioning.chroma import ChromaConditioner
 from conditioning.text import T5Conditioner
 
 from .checksums import verify_manifest
+from .generation_config import read_generation_defaults, read_json_object
 from .lm import PRECISIONS, RENAMED_KEYS, LMConfig, TransformerLM
 from .model import FORMAT, MusicGen
 from .quiet import transformers_silenced
@@ -64,18 +65,15 @@ def _load_directory(path: Path) -> MusicGen:
     if not config_file.is_file():
         raise ValueError(f"{path} is not a model directory (no config.json)")
     verify_manifest(path)
-    try:
-        cfg = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_file} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{config_file} is not a JSON object")
+    cfg = read_json_object(config_file)
     check_files(path)
     if cfg.get("format") == FORMAT:
         check_config(cfg, config_file)
         return _checked(path, MusicGen.from_pretrained, path)
     if cfg.get("model_type") in HF_MODEL_TYPES:
-        return _checked(path, from_transformers, path)
+        model = _checked(path, from_transformers, path)
+        model.generation_defaults = read_generation_defaults(path)
+        return model
     raise ValueError(f"{path} holds neither a musicgen_lite model nor a transformers MusicGen checkpoint")
 
 

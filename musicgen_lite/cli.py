@@ -6,6 +6,8 @@ Mistakes in what the user typed end with one line on stderr and exit code 2 (see
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -14,12 +16,16 @@ from codebooks.audio import read_audio
 from conditioning.chroma import load_melody
 from conditioning.midi_melody import is_midi
 
-from .api import check_request, generate, output_paths
+from .api import check_request, generate, generate_stream, output_paths
 from .checkpoints import load_default_model, load_model
 from .lm import PRECISIONS
 from .audio_io import LoudnessWarning, check_output
 from .cli_errors import ArgumentParser, UsageError, run_command
 from .quiet import silence_transformers
+from .sampling import check_threads
+from .wav_stream import stream_file, stream_wav
+
+DEFAULT_LOUDNESS = -14.0  # LUFS
 
 
 def _prompts(args) -> list[str]:
@@ -67,9 +73,12 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--melody", help="a WAV/FLAC/OGG/MP3 of a melody to follow, or a MIDI file (.mid) "
                    "whose top line is the tune (melody models)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of audio (default 10)")
-    p.add_argument("--out", default="out.wav", help="output path, .wav or .flac (default out.wav)")
+    p.add_argument("--out", default="out.wav", help="output path, .wav or .flac (default out.wav); with --stream, - writes a WAV to stdout")
+    p.add_argument("--stream", action="store_true", help="write the audio while it is generated (one prompt; "
+                   "no loudness normalisation, which needs the whole clip; --out - streams a WAV to stdout)")
+    p.add_argument("--format", choices=("wav", "flac"), help="output format (default: from the --out suffix; WAV for -)")
     level = p.add_mutually_exclusive_group()
-    level.add_argument("--loudness", type=float, default=-14.0, metavar="LUFS", help="normalise each output to this loudness, peaks at most -1 dBTP (default -14)")
+    level.add_argument("--loudness", type=float, metavar="LUFS", help=f"normalise each output to this loudness, peaks at most -1 dBTP (default {DEFAULT_LOUDNESS:g}; not with --stream)")
     level.add_argument("--no-loudness", action="store_true", help="keep the model's own level")
     p.add_argument("--float", action="store_true", help="write 32-bit float WAV instead of 16-bit PCM")
     p.add_argument("--plot", action="store_true", help="also write <out stem>.png: waveform, spectrogram, chromagrams (needs the [plot] extra)")
@@ -77,12 +86,47 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="LM weights: fp32 (exact, default); "
                    "bf16, fp16 or int8 trade exactness for speed")
     p.add_argument("--seed", type=int, help="random seed for reproducible output")
-    p.add_argument("--top-k", type=int, default=250, help="sample among the k most likely codes (1 = greedy)")
-    p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass (0 = off; wins over top-k)")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0)")
-    p.add_argument("--cfg", dest="cfg_coef", type=float, default=3.0,
-                   help="classifier-free guidance coefficient (default 3; at most 1 = no guidance)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all that torch may use; 1 is faster on a machine busy with other work)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely codes (1 = greedy; default: the model's, MusicGen's 250)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (0 = off; wins over top-k; default: the model's, MusicGen's 0)")
+    p.add_argument("--temperature", type=float, help="softmax temperature (> 0; default: the model's, MusicGen's 1)")
+    p.add_argument("--cfg", dest="cfg_coef", type=float,
+                   help="classifier-free guidance coefficient (default: the model's, MusicGen's 3; at most 1 = no guidance)")
     return p
+
+
+def _check_stream(args) -> None:
+    """--stream makes one output without loudness normalisation; refuse what it cannot do."""
+    if args.stream:
+        refused = [
+            (args.plot, "--plot needs the whole clip; it cannot be used with --stream"),
+            (args.batch_file, "--stream makes one output; --batch-file cannot be used with it"),
+            (args.loudness is not None, "loudness normalisation needs the whole clip; --loudness cannot be used with --stream"),
+            (args.out == "-" and args.format == "flac", "FLAC cannot be streamed to stdout; use --format wav, or a .flac path"),
+        ]
+        for bad, message in refused:
+            if bad:
+                raise UsageError(message)
+    elif args.out == "-":
+        raise UsageError("--out - (stdout) needs --stream")
+    suffix = Path(args.out).suffix.lower().lstrip(".")
+    if args.format and args.out != "-" and suffix != args.format:
+        raise UsageError(f"--format {args.format} does not match the output path {args.out}")
+
+
+def _stream(args, model) -> list[Path]:
+    """Generate one prompt with --stream: a WAV to stdout (--out -) or a file written as it comes."""
+    subtype = "FLOAT" if args.float else "PCM_16"
+    stream = generate_stream(
+        args.text, melody=args.melody, duration=args.duration, model=model, top_k=args.top_k, top_p=args.top_p,
+        temperature=args.temperature, cfg_coef=args.cfg_coef, seed=args.seed, threads=args.threads,
+    )
+    if args.out != "-":
+        return [stream_file(args.out, stream, stream.samples, stream.sample_rate, stream.channels, subtype)]
+    sink = sys.stdout.buffer
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the WAV's bytes and nothing else
+        stream_wav(sink, stream, stream.samples, stream.sample_rate, stream.channels, subtype)
+    return []
 
 
 def generate_main(argv: list[str] | None = None) -> int:
@@ -90,36 +134,47 @@ def generate_main(argv: list[str] | None = None) -> int:
     silence_transformers()  # stderr carries our own lines only: a path per output, or one error
 
     def body() -> int:
+        _check_stream(args)
         prompts = _prompts(args)
-        loudness = None if args.no_loudness else args.loudness
+        loudness = None if args.no_loudness or args.stream else DEFAULT_LOUDNESS if args.loudness is None else args.loudness
         subtype = "FLOAT" if args.float else "PCM_16"
         texts = check_request(prompts, args.duration, args.top_k, args.top_p, args.temperature, args.cfg_coef, args.melody, args.seed)[0]
-        for path in output_paths(args.out, len(texts)):  # every output is checked before any work
+        check_threads(args.threads)
+        for path in [] if args.out == "-" else output_paths(args.out, len(texts)):  # every output is checked before any work
             check_output(path, subtype=subtype, loudness=loudness)
         plot = _plotter() if args.plot else None
         model = load_model(args.model, args.precision) if args.model else load_default_model(args.precision)
-        result = generate(
-            prompts,
-            melody=args.melody,
-            duration=args.duration,
-            model=model,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            temperature=args.temperature,
-            cfg_coef=args.cfg_coef,
-            seed=args.seed,
-            progress=sys.stderr.isatty(),
-        )
-        outputs = []
-        with warnings.catch_warnings(record=True) as short:  # a target the limiter could not reach
-            warnings.simplefilter("always", LoudnessWarning)
-            written = result.save(args.out, loudness=loudness, subtype=subtype)
-        for warning in short:
-            print(f"generate.py: warning: {warning.message}", file=sys.stderr)
-        for path in written:
-            outputs += [path] if plot is None else [path, _plot(plot, path, args.melody)]
+        if args.stream:
+            try:
+                outputs = _stream(args, model)
+            except BrokenPipeError:  # --out -: the reader of stdout went away
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exiting flushes nowhere
+                print("generate.py: stdout was closed; stopped", file=sys.stderr)
+                return 1
+        else:
+            result = generate(
+                prompts,
+                melody=args.melody,
+                duration=args.duration,
+                model=model,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                temperature=args.temperature,
+                cfg_coef=args.cfg_coef,
+                seed=args.seed,
+                progress=sys.stderr.isatty(),
+                threads=args.threads,
+            )
+            outputs = []
+            with warnings.catch_warnings(record=True) as short:  # a target the limiter could not reach
+                warnings.simplefilter("always", LoudnessWarning)
+                written = result.save(args.out, loudness=loudness, subtype=subtype)
+            for warning in short:
+                print(f"generate.py: warning: {warning.message}", file=sys.stderr)
+            for path in written:
+                outputs += [path] if plot is None else [path, _plot(plot, path, args.melody)]
         for path in outputs:
-            print(path)
+            print(path)  # none for --out -: stdout holds the WAV
         return 0
 
     # OSError: also a full disk (FileNotFoundError: a missing file)

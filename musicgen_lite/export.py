@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .checkpoints import decoder_sources, load_model
+from .generation_config import transformers_keys
 from .model import MusicGen, move_into_place
 
 FORMATS = ("transformers",)
@@ -96,10 +97,8 @@ def transformers_configs(model: MusicGen):
         decoder_start_token_id=cfg.special_token,
         pad_token_id=cfg.special_token,
         bos_token_id=cfg.special_token,
-        do_sample=True,
-        top_k=250,
-        guidance_scale=3.0,
         max_length=round(model.max_duration * model.frame_rate),
+        **transformers_keys(model.generation_defaults),  # the model's own sampling defaults
     )
     return config, generation
 

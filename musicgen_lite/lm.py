@@ -32,21 +32,24 @@ guidance) with every weight, so on a CPU it is bound by reading the weights from
     null rows        the null rows' text states are zero under an all-zero mask, so their
                      cross-attention output is exactly zero: they skip it
     set_precision    bf16, fp16 or int8 weights: fewer bytes per step, at some cost in exactness
+    one-token step   the sampling loop's steps run the layers' arithmetic as one flat function
+                     (one_step.py): no module calls, no head transposes, one embedding lookup
 
-The sampling loop runs these steps on `TransformerLM.decode_threads` intra-op threads (see sampling.py).
+The sampling loop runs these steps on `TransformerLM.decode_threads` intra-op threads, by default all
+that torch is allowed to use (see sampling.py).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .packing import pack
+from .one_step import step_one
+from .packing import PackedLinear, linear, pack
 from .rows import pack_rows, row_invariant_attention
 
 ACTIVATIONS = {
@@ -155,15 +158,7 @@ class KVCache:
         self.cross_bias: Tensor | None = None  # [attending, 1, 1, L] additive mask
         self.attending = rows
         self.packed: dict[nn.Module, Tensor] = {}  # Linear -> its weight in oneDNN's layout
-
-
-def linear(module: nn.Module, x: Tensor, cache: KVCache | None) -> Tensor:
-    """module(x) for a bias-free linear layer, through the packed copy of its weight when the cache has one."""
-    packed = None if cache is None else cache.packed.get(module)
-    if packed is None:
-        return module(x)
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, None, "none", [], "")
-    return y.view(*x.shape[:-1], y.shape[-1])
+        self.embed_table: Tensor | None = None  # [K * (codebook_size + 1), D] the K embedding tables, stacked
 
 
 class SelfAttention(nn.Module):
@@ -259,45 +254,14 @@ class DecoderLayer(nn.Module):
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 
-class PackedLinear(nn.Module):
-    """Inference-only stand-in for a bias-free nn.Linear, its weight packed for fbgemm: "fp16" keeps
-    half-precision weights (fp32 activations and sums); "int8" keeps symmetric per-output-channel int8
-    weights and quantises the activations on the fly (dynamic quantisation)."""
-
-    def __init__(self, weight: Tensor, precision: str):
-        super().__init__()
-        self.precision = precision
-        self.out_features, self.in_features = weight.shape
-        w = weight.detach().float().contiguous()
-        with warnings.catch_warnings():  # torch marks its quantised-tensor constructors as deprecated
-            warnings.simplefilter("ignore")
-            if precision == "fp16":
-                self.packed = torch.ops.quantized.linear_prepack_fp16(w, None)
-            else:
-                scale = (w.abs().amax(1) / 127).clamp(min=1e-12).double()  # [out]
-                q = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
-                self.packed = torch.ops.quantized.linear_prepack(q, None)
-
-    def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, self.in_features)
-        if self.precision == "fp16":
-            y = torch.ops.quantized.linear_dynamic_fp16(flat, self.packed)
-        else:  # reduce_range: 7-bit activations, so that fbgemm's int16 pair sums cannot saturate
-            y = torch.ops.quantized.linear_dynamic(flat, self.packed, True)
-        return y.view(*x.shape[:-1], self.out_features)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        raise RuntimeError(f"an LM converted to {self.precision} is for inference only; save it before set_precision")
-
-
 class TransformerLM(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.cfg = cfg
         self.precision = "fp32"
-        # intra-op threads of the sampling loop on a CPU: one core already streams the weights at about
-        # the memory bandwidth, and more threads hand off every small operation (costly on a busy machine)
-        self.decode_threads = 1
+        # intra-op threads of the sampling loop on a CPU; None: the threads torch is allowed to use
+        # (torch.get_num_threads()). A `threads` argument of the sampling loop wins over it.
+        self.decode_threads: int | None = None
         self.embed = nn.ModuleList(nn.Embedding(cfg.codebook_size + 1, cfg.dim) for _ in range(cfg.num_codebooks))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
@@ -404,6 +368,7 @@ class TransformerLM(nn.Module):
             mask = None if conditions.cross_mask is None else conditions.cross_mask[: cache.attending]
             cache.cross, cache.cross_bias = self._cross(conditions.cross[: cache.attending], mask)
         cache.packed = self._packed_weights(rows)
+        cache.embed_table = torch.cat([e.weight for e in self.embed]).detach()
         return cache
 
     def _packed_weights(self, rows: int) -> dict[nn.Module, Tensor]:
@@ -420,6 +385,8 @@ class TransformerLM(nn.Module):
         """Feed new steps [N, K, T] (T >= 1) through the cache; returns the logits of the last step,
         [N, K, codebook_size]. The prefix (prefix models) is prepended on the first call, when the cache is empty;
         with a prefix mask the rows are packed there and each row then continues from its own position."""
+        if tokens.shape[-1] == 1 and cache.length and not self.training:
+            return step_one(self, tokens[:, :, 0], cache)
         x = self.embed_tokens(tokens)
         if cache.length == 0 and conditions is not None and conditions.prefix is not None:
             if conditions.independent_rows:

@@ -13,6 +13,9 @@ is what token-exactness with transformers needs.
 Generation longer than `max_duration` slides a window over the output, as audiocraft does: each new
 window is prompted with the last `max_duration - extend_stride` seconds of codes and, for melody
 models, sees the chromagram from its own start time.
+
+A model carries its sampling defaults (`generation_defaults`, from its directory's
+generation_config.json, see generation_config.py); the arguments a caller gives override them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,8 +41,9 @@ from conditioning.null import null_chroma_features, null_text
 from conditioning.text import T5Conditioner
 
 from .checksums import write_manifest
+from .generation_config import MUSICGEN_DEFAULTS, read_generation_defaults, write_generation_defaults
 from .lm import LMConditions, LMConfig, TransformerLM
-from .sampling import SamplingParams, generate_tokens
+from .sampling import SamplingParams, sample_frames
 from .weight_files import WeightFiles
 
 FORMAT = "musicgen_lite"
@@ -68,6 +74,11 @@ class MusicGen(nn.Module):
         self.max_duration, self.extend_stride = float(max_duration), float(extend_stride)
         self.batch_like_transformers = batch_like_transformers  # see the module docstring
         self.pattern: CodebookPattern = make_pattern(lm.cfg.pattern, lm.cfg.num_codebooks)
+        self.generation_defaults: SamplingParams = MUSICGEN_DEFAULTS
+
+    def sampling_params(self, overrides: dict) -> SamplingParams:
+        """This model's sampling defaults with the caller's `overrides` (SamplingParams fields) applied."""
+        return replace(self.generation_defaults, **overrides)
 
     @property
     def sample_rate(self) -> int:
@@ -150,25 +161,48 @@ class MusicGen(nn.Module):
         melody: list[Tensor | None] | None = None,
         prompt: Tensor | None = None,
         progress: bool = False,
+        threads: int | None = None,
     ) -> Tensor:
         """[B, K, frames] codes for B texts; `melody` mono waveforms at the chroma rate or one-hot chroma
-        [T, 12] (None = no melody for that row), heard from time 0 and looped when shorter; `prompt` [B, K, P] codes
-        that open the output."""
+        [T, 12] (None = no melody for that row), heard from time 0 and looped when shorter; `prompt` [B, K, P]
+        codes that open the output; `threads` the decoding loop's intra-op threads (None: lm.decode_threads,
+        else torch's)."""
+        return torch.cat(list(self.stream_tokens(texts, frames, params, generators, melody, prompt, progress, threads)), dim=-1)
+
+    @torch.no_grad()
+    def stream_tokens(
+        self,
+        texts: list[str],
+        frames: int,
+        params: SamplingParams,
+        generators: list[torch.Generator],
+        melody: list[Tensor | None] | None = None,
+        prompt: Tensor | None = None,
+        progress: bool = False,
+        threads: int | None = None,
+        chunk_frames: int | None = None,
+    ) -> Iterator[Tensor]:
+        """`generate_tokens`' codes as they are made: [B, K, n] pieces in frame order, the prompt's frames
+        first, then pieces of about `chunk_frames` frames (None: one piece per window)."""
         window = max(1, int(self.max_duration * self.frame_rate))
-        if frames <= window:
-            cond = self.conditions(texts, self._melody_window(melody, 0), params.guided)
-            return generate_tokens(self.lm, self.pattern, cond, frames, params, generators, prompt, progress)
         stride = max(1, int(self.extend_stride * self.frame_rate))
-        out = prompt
+        out = None if prompt is None else prompt.to(self.lm.device)  # every frame so far: [B, K, made]
+        if out is not None:
+            yield out
         offset = 0  # first frame of the current window
         while out is None or out.shape[-1] < frames:
             length = min(window, frames - offset)
             keep = None if out is None else out[:, :, offset:]
             cond = self.conditions(texts, self._melody_window(melody, offset), params.guided)
-            chunk = generate_tokens(self.lm, self.pattern, cond, length, params, generators, keep, progress)
-            out = chunk if out is None else torch.cat([out[:, :, :offset], chunk], dim=-1)
+            made = offset  # frames of this window's pieces so far, counted from 0
+            pieces = sample_frames(self.lm, self.pattern, cond, length, params, generators, keep, progress, threads, chunk_frames)
+            for piece in pieces:
+                made += piece.shape[-1]
+                new = made - (0 if out is None else out.shape[-1])  # frames of the piece not seen before
+                if new > 0:
+                    out = piece if out is None else torch.cat([out, piece[:, :, -new:]], dim=-1)
+                    yield piece[:, :, -new:]
             offset += stride
-        return out
 
     def _looped(self, feats: Tensor) -> Tensor:
         """[1, T, 12] features -> [1, chroma_length, 12], looped or cut as ChromaConditioner does."""
@@ -224,6 +258,7 @@ class MusicGen(nn.Module):
             tensors.update({f"chroma.{k}": v for k, v in self.chroma.state_dict().items()})
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(self.config_dict(), indent=2))
+        write_generation_defaults(self.generation_defaults, tmp)
         self.codec.save_pretrained(tmp / "codec")
         self.text.save_pretrained(tmp / "text_encoder")
         write_manifest(tmp)
@@ -248,6 +283,7 @@ class MusicGen(nn.Module):
                 chroma.load_state_dict(weights.state_dict("chroma."))
         codec = EncodecCodec.from_pretrained(path / "codec", num_codebooks=lm.cfg.num_codebooks)
         model = cls(lm, codec, text, chroma, cfg["max_duration"], cfg["extend_stride"], cfg.get("batch_like_transformers", False))
+        model.generation_defaults = read_generation_defaults(path)
         return model.eval()
 
 

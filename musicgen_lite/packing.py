@@ -9,13 +9,29 @@ placeholder, so optimizers and other references to it keep working.
 Every other use of the weight (reading `linear.weight`, a plain forward pass, `state_dict()`,
 `named_parameters()`, `.to()`, `load_state_dict()`, a copy or a pickle) goes through the module's
 parameter dict, which unpacks it first: the reorder is exact, so the plain weight comes back bit for
-bit, and the next `pack` makes a fresh blocked copy of whatever the weight has become.
+bit, and the next `pack` makes a fresh blocked copy of whatever the weight has become. `linear` runs a
+layer through its packed weight; `PackedLinear` replaces a layer for the opt-in fp16 / int8 precisions.
 """
 
 from __future__ import annotations
 
+import warnings
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .lm import KVCache
+
+
+def linear(module: nn.Module, x: Tensor, cache: KVCache | None) -> Tensor:
+    """module(x) for a bias-free linear layer, through the packed copy of its weight when the cache has one."""
+    packed = None if cache is None else cache.packed.get(module)
+    if packed is None:
+        return module(x)
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, None, "none", [], "")
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class PackingParameters(dict):
@@ -76,3 +92,34 @@ def packed_weight(linear: nn.Linear) -> Tensor | None:
     """The packed weight of `linear`, or None while it holds its plain weight."""
     params = linear.__dict__["_parameters"]
     return params.packed if isinstance(params, PackingParameters) else None
+
+
+class PackedLinear(nn.Module):
+    """Inference-only stand-in for a bias-free nn.Linear, its weight packed for fbgemm: "fp16" keeps
+    half-precision weights (fp32 activations and sums); "int8" keeps symmetric per-output-channel int8
+    weights and quantises the activations on the fly (dynamic quantisation)."""
+
+    def __init__(self, weight: Tensor, precision: str):
+        super().__init__()
+        self.precision = precision
+        self.out_features, self.in_features = weight.shape
+        w = weight.detach().float().contiguous()
+        with warnings.catch_warnings():  # torch marks its quantised-tensor constructors as deprecated
+            warnings.simplefilter("ignore")
+            if precision == "fp16":
+                self.packed = torch.ops.quantized.linear_prepack_fp16(w, None)
+            else:
+                scale = (w.abs().amax(1) / 127).clamp(min=1e-12).double()  # [out]
+                q = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+                self.packed = torch.ops.quantized.linear_prepack(q, None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if self.precision == "fp16":
+            y = torch.ops.quantized.linear_dynamic_fp16(flat, self.packed)
+        else:  # reduce_range: 7-bit activations, so that fbgemm's int16 pair sums cannot saturate
+            y = torch.ops.quantized.linear_dynamic(flat, self.packed, True)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        raise RuntimeError(f"an LM converted to {self.precision} is for inference only; save it before set_precision")

@@ -7,8 +7,9 @@ per codebook and writes it where the pattern has a free slot; slots the pattern 
 keep the special token and prompt slots keep the prompt. Randomness comes from one seeded
 `torch.Generator` per batch row, so a row's tokens depend on its seed, not on its neighbours.
 
-On a CPU the loop runs on `lm.decode_threads` intra-op threads (default 1, see lm.py), restoring the
-caller's thread count afterwards.
+On a CPU the loop runs on the `threads` it is given, else on `lm.decode_threads`, else on the intra-op
+threads torch is allowed to use (`torch.get_num_threads()`), restoring the caller's thread count
+afterwards. `sample_frames` yields the frames as they complete, for streaming.
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ def sample_next(logits: Tensor, params: SamplingParams, u: Tensor) -> Tensor:
     of the full softmax, without exponentiating the whole vocabulary."""
     if params.greedy:
         return logits.argmax(-1)
-    logits = logits.float() / params.temperature
+    logits = logits.float()
+    if params.temperature != 1.0:  # x / 1 is x: the division is skipped, not changed
+        logits = logits / params.temperature
     if params.top_p > 0.0:
         return sample_top_p(torch.softmax(logits, dim=-1), params.top_p, u)
     top, idx = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1)
@@ -96,18 +99,26 @@ def sample_next(logits: Tensor, params: SamplingParams, u: Tensor) -> Tensor:
 
 
 @contextmanager
-def intra_op_threads(n: int) -> Iterator[None]:
-    """torch's intra-op thread count for this thread set to n, then restored."""
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count for this thread set to n (None: left as it is), then restored."""
     before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    if n is not None:
+        torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(before)
 
 
+def check_threads(threads) -> int | None:
+    """None (torch's own count) or a positive integer; anything else is a one-line ValueError."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    return threads
+
+
 @torch.no_grad()
-def generate_tokens(
+def sample_frames(
     lm: TransformerLM,
     pattern: CodebookPattern,
     conditions: LMConditions,
@@ -116,14 +127,19 @@ def generate_tokens(
     generators: list[torch.Generator],
     prompt: Tensor | None = None,
     progress: bool = False,
-) -> Tensor:
-    """Sample [B, K, frames] codes. `conditions` holds B rows, or 2B when params.guided (the null
-    rows after the conditional ones). `prompt` [B, K, P] fixes the first P frames (P <= frames)."""
+    threads: int | None = None,
+    chunk_frames: int | None = None,
+) -> Iterator[Tensor]:
+    """Sample [B, K, frames] codes, yielded in frame order as [B, K, n] pieces: a piece as soon as at
+    least `chunk_frames` more frames are complete (None: all at once), and the rest at the end.
+    `conditions` holds B rows, or 2B when params.guided (the null rows after the conditional ones).
+    `prompt` [B, K, P] fixes the first P frames (P <= frames); they come out first."""
     batch, cfg = len(generators), lm.cfg
     k_books, special = cfg.num_codebooks, cfg.special_token
     device = lm.device
     steps = pattern.num_steps(frames)
     where = pattern.step_index(frames).to(device)  # [K, T] step of each code
+    complete_after = where.amax(0).tolist()  # [T] the step that completes each frame
     seq = torch.full((batch, k_books, steps), special, dtype=torch.long, device=device)
     free = pattern.slot_mask(frames).to(device).clone()  # [K, S] slots the loop must fill
     if prompt is not None:
@@ -131,15 +147,33 @@ def generate_tokens(
         seq.scatter_(2, where[None, :, :p].expand(batch, -1, -1), prompt.to(device))
         free.scatter_(1, where[:, :p], False)
     todo = free.any(0).nonzero()
-    if len(todo) == 0:
-        return pattern.revert(seq, frames)
-    first = int(todo[0])  # the first step with a slot to sample; steps before it are known
+    first = int(todo[0]) if len(todo) else steps  # the first step with a slot to sample; steps before it are known
+    chunk = frames if chunk_frames is None else max(1, chunk_frames)
+    done = 0  # frames yielded so far
 
+    def finished(step: int) -> int:
+        """The number of leading frames complete once `step` is filled."""
+        n = done
+        while n < frames and complete_after[n] <= step:
+            n += 1
+        return n
+
+    def piece(end: int) -> Tensor:
+        return seq.gather(2, where[None, :, done:end].expand(batch, -1, -1))  # [B, K, end - done]
+
+    ready = finished(first - 1)
+    if ready == frames or ready >= chunk:
+        yield piece(ready)
+        done = ready
+    if done == frames:
+        return
     copies = 2 if params.guided else 1  # the conditional rows, then the null rows, see the same tokens
     rows = copies * batch
     if conditions.rows != rows:
         raise ValueError(f"conditions have {conditions.rows} rows, expected {rows}")
-    with intra_op_threads(lm.decode_threads) if device.type == "cpu" else nullcontext():
+    if threads is None:
+        threads = lm.decode_threads
+    with intra_op_threads(threads) if device.type == "cpu" else nullcontext():
         cache = lm.new_cache(conditions, steps)
         inputs = seq[:, :, :first].repeat(copies, 1, 1)  # [rows, K, first]: every known step, fed at once
         step_tokens = seq.new_empty(copies, batch, k_books, 1)  # the next inputs, written in place
@@ -156,5 +190,8 @@ def generate_tokens(
             step_tokens.copy_(seq[None, :, :, s : s + 1])
             inputs = step_tokens.view(rows, k_books, 1)
             bar.update(1)
+            ready = finished(s)
+            if ready - done >= chunk or (ready == frames and ready > done):
+                yield piece(ready)
+                done = ready
         bar.close()
-    return pattern.revert(seq, frames)

@@ -48,14 +48,14 @@ def test_errors_reach_the_page_as_messages_and_the_model_loads_lazily(app, tiny_
 
     missing = app.Generator(str(tmp_path / "no_model"))  # nothing is loaded until a request comes
     with pytest.raises(gr.Error, match="does not exist"):
-        missing("piano", None, 0.5, 250, 0.0, 1.0, 3.0, 0)
+        list(missing("piano", None, 0.5, 250, 0.0, 1.0, 3.0, 0))
     hum = tmp_path / "hum.wav"
     sf.write(hum, synth_hum([60, 64]), 32000)
     text_only = app.Generator(str(tiny_musicgen_dir))
     with pytest.raises(gr.Error, match="no melody conditioning"):
-        text_only("piano", str(hum), 0.5, 250, 0.0, 1.0, 3.0, 0)
+        list(text_only("piano", str(hum), 0.5, 250, 0.0, 1.0, 3.0, 0))
     with pytest.raises(gr.Error, match="top_k"):
-        text_only("piano", None, 0.5, 0, 0.0, 1.0, 3.0, 0)
+        list(text_only("piano", None, 0.5, 0, 0.0, 1.0, 3.0, 0))
 
 
 @pytest.mark.slow
@@ -106,3 +106,29 @@ def test_the_page_in_a_headless_browser(app, tiny_melody_dir, tmp_path):
     finally:
         page_app.close()
     assert time.monotonic() - started < 60
+
+
+def test_the_page_streams_the_audio_then_shows_the_normalised_result(app, tiny_musicgen_dir):
+    """The live player gets WAV chunks while generating; the last update is the result and its picture."""
+    page = app.Generator(str(tiny_musicgen_dir))  # holds the directory the files are served from
+    updates = list(page("piano", None, 1.0, 250, 0.0, 1.0, 3.0, 5))
+    *live, (skipped, result, picture) = updates
+    assert len(live) >= 2 and isinstance(skipped, type(gr.skip()))
+    chunks = [sf.read(io.BytesIO(wav), dtype="float32")[0] for wav, _, _ in live]
+    streamed = np.concatenate(chunks)
+    final, rate = sf.read(result, dtype="float32")
+    assert rate == 32000 and streamed.shape == final.shape == (32000,)
+    assert Path(picture).suffix == ".png"
+    assert np.corrcoef(streamed, final)[0, 1] > 0.999  # the same audio, only its level normalised
+
+
+def test_the_sampling_controls_start_at_the_models_defaults(app, tiny_musicgen_dir, tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(tiny_musicgen_dir, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "generation_config.json").read_text())
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({**config, "top_k": 40, "temperature": 0.7}))
+    defaults = app.sampling_defaults(str(tmp_path / "m"))
+    assert (defaults.top_k, defaults.temperature, defaults.cfg_coef) == (40, 0.7, 3.0)
+    assert app.sampling_defaults(str(tmp_path / "missing")).top_k == 250

@@ -194,7 +194,7 @@ def test_bad_input(entry, case, args, message, files, tiny_musicgen_dir, tiny_me
         call = dict(text="piano", melody=None, duration=0.2, top_k=250, top_p=0.0, temperature=1.0, cfg_coef=3.0, seed=0)
         call.update({k: (str(files / v[1:]) if isinstance(v, str) and v.startswith("@") else v) for k, v in args.items()})
         with pytest.raises(gr.Error) as err:
-            Generator(str(model_dir))(**call)
+            list(Generator(str(model_dir))(**call))
         text = str(err.value.message)
     else:
         if entry == "generate.py":

@@ -63,7 +63,7 @@ def cross_model(tmp_path_factory, data_dir, tiny_musicgen_dir):
 
 def assert_transformers_decodes_it(model, directory, prompts, melody=None):
     for prompt in prompts:
-        ours = musicgen_lite.generate(prompt, melody=melody, melody_sample_rate=32000, duration=FRAMES / 50, model=model, top_k=1)
+        ours = musicgen_lite.generate(prompt, melody=melody, melody_sample_rate=32000, duration=FRAMES / 50, model=model, top_k=1, cfg_coef=3.0)
         features = None if melody is None else model.melody_features([torch.from_numpy(melody)])
         theirs = hf_greedy_tokens(directory, [prompt], FRAMES, input_features=features)
         np.testing.assert_array_equal(ours.tokens, theirs.numpy(), err_msg=prompt)
@@ -97,6 +97,8 @@ def test_the_bundled_model_exports(tmp_path):
     model = load_default_model()
     directory = musicgen_lite.export(model, tmp_path / "default")
     assert_transformers_decodes_it(model, directory, PROMPTS[:2])
+    assert model.generation_defaults.cfg_coef == 8.0  # the bundled model's own, carried by the export
+    assert musicgen_lite.load_model(directory).generation_defaults == model.generation_defaults
 
 
 def test_export_refusals(tiny_musicgen_dir, tmp_path):

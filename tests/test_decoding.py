@@ -20,7 +20,7 @@ def model(tiny_musicgen_dir):
 
 
 def step_logits(lm, conditions, tokens, packed: bool, attending: int | None = None) -> torch.Tensor:
-    """Logits of three decoding steps fed `tokens` [N, K, 3] one step at a time: [3, N, K, card]."""
+    """Logits of three decoding steps fed `tokens` [N, K, 3] one step at a time: [3, N, K, codebook_size]."""
     cache = lm.new_cache(conditions, tokens.shape[-1])
     if not packed:
         cache.packed = {}
@@ -89,7 +89,7 @@ def test_decoding_threads_do_not_change_tokens_or_the_callers_thread_count(model
     try:
         two = musicgen_lite.generate(CAPTIONS, duration=0.3, model=model, top_k=1)
     finally:
-        model.lm.decode_threads = 1
+        model.lm.decode_threads = None
     np.testing.assert_array_equal(one.tokens, two.tokens)
     assert torch.get_num_threads() == before
 
@@ -126,3 +126,21 @@ def test_precision_errors(tiny_musicgen_dir):
         int8.lm.set_precision("fp16")
     bf16 = musicgen_lite.load_model(tiny_musicgen_dir, precision="bf16")
     assert all(t.dtype == torch.bfloat16 for t in bf16.lm.state_dict().values())
+
+
+@pytest.mark.parametrize("independent", [False, True])
+@pytest.mark.parametrize("which", ["musicgen", "melody"])
+def test_the_one_token_step_gives_the_layers_numbers_exactly(which, independent, tiny_musicgen_dir, tiny_melody_dir):
+    """The decoding loop's one-token step skips the modules' calls, not their arithmetic, in transformers'
+    batch layout and with independent rows (prefix rows packed at their own positions)."""
+    lm_model = musicgen_lite.load_model(tiny_musicgen_dir if which == "musicgen" else tiny_melody_dir)
+    lm_model.batch_like_transformers = not independent
+    lm, conditions = lm_model.lm, lm_model.conditions(CAPTIONS, None, guided=True)
+    assert conditions.independent_rows == independent
+    tokens = torch.randint(0, lm.cfg.codebook_size, (4, lm.cfg.num_codebooks, 5), generator=torch.Generator().manual_seed(3))
+    logits = {}
+    for mode in ("fast", "layers"):
+        lm.train(mode == "layers")  # the layer-by-layer path (dropout is 0)
+        logits[mode] = step_logits(lm, conditions, tokens, packed=True)
+    lm.eval()
+    assert torch.equal(logits["fast"], logits["layers"])

@@ -1,0 +1,134 @@
+"""Per-model sampling defaults (generation_config.json) and the decoding thread count."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import musicgen_lite
+from musicgen_lite.generation_config import MUSICGEN_DEFAULTS, read_generation_defaults
+from musicgen_lite.sampling import SamplingParams
+from tiny_models import hf_greedy_tokens
+
+CAPTIONS = ["mozart sonata allegro in a bright major key with fast runs", "sad adagio"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_musicgen_dir):
+    return musicgen_lite.load_model(tiny_musicgen_dir)
+
+
+def with_generation_config(src, dst, **fields):
+    """A copy of the checkpoint `src` whose generation_config.json has `fields` changed (None removes)."""
+    shutil.copytree(src, dst)
+    path = dst / "generation_config.json"
+    config = json.loads(path.read_text())
+    for key, value in fields.items():
+        config.pop(key, None) if value is None else config.__setitem__(key, value)
+    path.write_text(json.dumps(config))
+    return dst
+
+
+def test_a_checkpoint_written_like_musicgen_small_has_its_values(model):
+    assert model.generation_defaults == SamplingParams(top_k=250, top_p=0.0, temperature=1.0, cfg_coef=3.0)
+
+
+def test_transformers_generation_config_is_honoured_greedy(tiny_musicgen_dir, tmp_path):
+    """do_sample false in the checkpoint: with no sampling arguments we decode greedily, as transformers'
+    own generate() does with that file, and give its tokens."""
+    greedy_dir = with_generation_config(tiny_musicgen_dir, tmp_path / "greedy", do_sample=False, guidance_scale=2.0)
+    greedy = musicgen_lite.load_model(greedy_dir)
+    assert greedy.generation_defaults == SamplingParams(top_k=1, top_p=0.0, temperature=1.0, cfg_coef=2.0)
+    frames = 12
+    ours = musicgen_lite.generate(CAPTIONS, duration=frames / 50, model=greedy, seed=0)
+    expected = hf_greedy_tokens(tiny_musicgen_dir, CAPTIONS, frames, guidance_scale=2.0)
+    np.testing.assert_array_equal(ours.tokens, expected.numpy())
+
+
+def test_transformers_generation_config_sampling_values(tiny_musicgen_dir, tmp_path):
+    d = with_generation_config(tiny_musicgen_dir, tmp_path / "k", top_k=7, top_p=0.9, temperature=0.7, guidance_scale=None)
+    assert musicgen_lite.load_model(d).generation_defaults == SamplingParams(top_k=7, top_p=0.9, temperature=0.7, cfg_coef=3.0)
+    no_k = with_generation_config(tiny_musicgen_dir, tmp_path / "no_k", top_k=0, top_p=1.0)  # transformers: the whole distribution
+    assert read_generation_defaults(no_k).top_p == 1.0
+    off = with_generation_config(tiny_musicgen_dir, tmp_path / "off", top_p=1.0)  # transformers: top-p off
+    assert read_generation_defaults(off) == MUSICGEN_DEFAULTS
+    (off / "generation_config.json").unlink()
+    assert musicgen_lite.load_model(off).generation_defaults == MUSICGEN_DEFAULTS  # no file: MusicGen's
+
+
+def test_the_callers_arguments_win(tiny_musicgen_dir, model, tmp_path):
+    greedy = musicgen_lite.load_model(with_generation_config(tiny_musicgen_dir, tmp_path / "g", do_sample=False))
+    sampled = musicgen_lite.generate("piano", duration=0.3, model=greedy, top_k=250, seed=5)  # the caller's top-k
+    reference = musicgen_lite.generate("piano", duration=0.3, model=model, seed=5)  # MusicGen's defaults
+    np.testing.assert_array_equal(sampled.tokens, reference.tokens)
+    assert not np.array_equal(sampled.tokens, musicgen_lite.generate("piano", duration=0.3, model=greedy, seed=5).tokens)
+    cold = musicgen_lite.generate("piano", duration=0.3, model=model, cfg_coef=1.0, temperature=0.5, seed=5)
+    np.testing.assert_array_equal(
+        cold.tokens, musicgen_lite.generate("piano", duration=0.3, model=greedy, top_k=250, cfg_coef=1.0, temperature=0.5, seed=5).tokens
+    )
+
+
+def test_own_models_keep_their_defaults_in_the_transformers_format(model, tmp_path):
+    from transformers import GenerationConfig
+
+    chosen = SamplingParams(top_k=40, top_p=0.0, temperature=0.8, cfg_coef=4.5)
+    before = model.generation_defaults
+    model.generation_defaults = chosen
+    try:
+        model.save_pretrained(tmp_path / "ours")
+    finally:
+        model.generation_defaults = before
+    assert musicgen_lite.load_model(tmp_path / "ours").generation_defaults == chosen
+    hf = GenerationConfig.from_pretrained(tmp_path / "ours")  # transformers reads the same file
+    assert (hf.do_sample, hf.top_k, hf.top_p, hf.temperature, hf.guidance_scale) == (True, 40, 1.0, 0.8, 4.5)
+
+
+def test_a_bad_generation_config_is_one_clear_error(tiny_musicgen_dir, tmp_path):
+    bad = with_generation_config(tiny_musicgen_dir, tmp_path / "bad", temperature=0)
+    with pytest.raises(ValueError, match="generation_config.json: temperature must be > 0"):
+        musicgen_lite.load_model(bad)
+    (bad / "generation_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        musicgen_lite.load_model(bad)
+
+
+def test_bad_sampling_arguments_are_refused_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="top_k"):
+        musicgen_lite.generate("x", model=tmp_path / "nothing_here", top_k=0)
+
+
+def test_threads_default_to_torchs_and_do_not_change_tokens(model):
+    assert model.lm.decode_threads is None
+    before = torch.get_num_threads()
+    one = musicgen_lite.generate(CAPTIONS, duration=0.3, model=model, top_k=1, threads=1)
+    two = musicgen_lite.generate(CAPTIONS, duration=0.3, model=model, top_k=1, threads=2)
+    default = musicgen_lite.generate(CAPTIONS, duration=0.3, model=model, top_k=1)
+    np.testing.assert_array_equal(one.tokens, two.tokens)
+    np.testing.assert_array_equal(one.tokens, default.tokens)
+    assert torch.get_num_threads() == before
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="threads must be a positive integer"):
+            musicgen_lite.generate("x", duration=0.1, model=model, threads=bad)
+
+
+def test_the_threads_argument_sets_the_decoding_loops_threads(model, monkeypatch):
+    import musicgen_lite.sampling as sampling
+
+    seen = []
+    real = sampling.intra_op_threads
+
+    def spy(n):
+        seen.append(n)
+        return real(n)
+
+    monkeypatch.setattr(sampling, "intra_op_threads", spy)
+    musicgen_lite.generate("x", duration=0.1, model=model, threads=3)
+    model.lm.decode_threads = 2
+    try:
+        musicgen_lite.generate("x", duration=0.1, model=model)  # the model's setting when the caller gives none
+        musicgen_lite.generate("x", duration=0.1, model=model, threads=1)  # the caller's wins
+    finally:
+        model.lm.decode_threads = None
+    assert seen == [3, 2, 1]
