@@ -50,6 +50,12 @@ python train.py lm --data "$WORK/data" --out "$WORK/lm" --codec "$WORK/codec" --
     --melody-track-prob 0.75 --segment-seconds 10 --batch-size "$LM_BATCH" --lr 1.2e-3 --warmup-steps 300 \
     --max-steps "$LM_STEPS" ${LM_MINUTES:+--time-limit "$LM_MINUTES"} --device "$DEVICE" --save-every 500 --eval-every 500
 
+# 3b. Tune the codec's decoder alone (every token stays the same, so the LM stays valid) and put it in the model.
+python train.py decoder --codec "$WORK/codec" --data "$WORK/data" --out "$WORK/decoder" \
+    --max-steps "${DECODER_STEPS:-3000}" --mel-weight 0.5
+cp "$WORK/decoder/config.json" "$WORK/decoder/model.safetensors" "$WORK/lm/codec/"
+python -c "import sys; from musicgen_lite.checksums import write_manifest; write_manifest(sys.argv[1])" "$WORK/lm"
+
 # 4. Measure v2 and v1 on held-out works (pairs: key, tempo, unheard hums, noise; codec: SI-SDR, log-mel vs Opus).
 for model in lm v1; do
   [ -f "$WORK/$model/config.json" ] || continue
