@@ -54,7 +54,7 @@ python train.py lm --data "$WORK/data" --out "$WORK/lm" --codec "$WORK/codec" --
 python train.py decoder --codec "$WORK/codec" --data "$WORK/data" --out "$WORK/decoder" \
     --max-steps "${DECODER_STEPS:-3000}" --mel-weight 0.5
 cp "$WORK/decoder/config.json" "$WORK/decoder/model.safetensors" "$WORK/lm/codec/"
-python -c "import sys; from musicgen_lite.checksums import write_manifest; write_manifest(sys.argv[1])" "$WORK/lm"
+rm -f "$WORK/lm/checksums.sha256"  # the run's manifest named the old decoder; installing writes a new one
 
 # 4. Measure v2 and v1 on held-out works (pairs: key, tempo, unheard hums, noise; codec: SI-SDR, log-mel vs Opus).
 for model in lm v1; do
