@@ -2,7 +2,8 @@
 
 Every argument is checked before any work starts, so bad input costs nothing and writes nothing.
 Sampling arguments left at None take the model's own defaults (`MusicGen.generation_defaults`);
-`threads` (None: torch's `torch.get_num_threads()`) sets the intra-op threads of the whole call.
+`threads` sets the intra-op threads of the whole call (None: `TransformerLM.decoding_threads()`, all of
+torch's threads except for small models, which decode faster on one).
 """
 
 from __future__ import annotations
@@ -294,7 +295,7 @@ def generate_stream(
     params = musicgen.sampling_params(overrides)
     frames = max(1, round(duration * musicgen.frame_rate))
     chunk_frames = max(1, round(chunk_seconds * musicgen.frame_rate))
-    threads = musicgen.lm.decode_threads if threads is None else threads
+    threads = musicgen.lm.decoding_threads() if threads is None else threads
     first = max(1, chunk_frames // 4)
     pieces = musicgen.stream_tokens(texts, frames, params, generators, melody=wavs, threads=threads, chunk_frames=1)
     chunks = _on_threads(_decoded(musicgen, pieces, first, chunk_frames), threads)

@@ -165,8 +165,8 @@ class MusicGen(nn.Module):
     ) -> Tensor:
         """[B, K, frames] codes for B texts; `melody` mono waveforms at the chroma rate or one-hot chroma
         [T, 12] (None = no melody for that row), heard from time 0 and looped when shorter; `prompt` [B, K, P]
-        codes that open the output; `threads` the decoding loop's intra-op threads (None: lm.decode_threads,
-        else torch's)."""
+        codes that open the output; `threads` the decoding loop's intra-op threads (None:
+        lm.decoding_threads())."""
         return torch.cat(list(self.stream_tokens(texts, frames, params, generators, melody, prompt, progress, threads)), dim=-1)
 
     @torch.no_grad()

@@ -7,8 +7,8 @@ per codebook and writes it where the pattern has a free slot; slots the pattern 
 keep the special token and prompt slots keep the prompt. Randomness comes from one seeded
 `torch.Generator` per batch row, so a row's tokens depend on its seed, not on its neighbours.
 
-On a CPU the loop runs on the `threads` it is given, else on `lm.decode_threads`, else on the intra-op
-threads torch is allowed to use (`torch.get_num_threads()`), restoring the caller's thread count
+On a CPU the loop runs on the `threads` it is given, else on `lm.decoding_threads()` (the model's
+setting, else all of torch's threads, or one for a small model), restoring the caller's thread count
 afterwards. `sample_frames` yields the frames as they complete, for streaming.
 """
 
@@ -172,7 +172,7 @@ def sample_frames(
     if conditions.rows != rows:
         raise ValueError(f"conditions have {conditions.rows} rows, expected {rows}")
     if threads is None:
-        threads = lm.decode_threads
+        threads = lm.decoding_threads()
     with intra_op_threads(threads) if device.type == "cpu" else nullcontext():
         cache = lm.new_cache(conditions, steps)
         inputs = seq[:, :, :first].repeat(copies, 1, 1)  # [rows, K, first]: every known step, fed at once

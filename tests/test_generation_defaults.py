@@ -99,8 +99,19 @@ def test_bad_sampling_arguments_are_refused_before_loading(tmp_path):
         musicgen_lite.generate("x", model=tmp_path / "nothing_here", top_k=0)
 
 
-def test_threads_default_to_torchs_and_do_not_change_tokens(model):
+def test_threads_default_by_model_size_and_do_not_change_tokens(model):
+    from musicgen_lite.lm import SMALL_STEP_BYTES, LMConfig, step_weight_bytes
+
     assert model.lm.decode_threads is None
+    assert model.lm.decoding_threads() == 1  # a tiny model: its step is overhead, threads only add to it
+    small_cpu = LMConfig(codebook_size=1024, dim=256, num_heads=4, num_layers=6, ffn_dim=1024)  # the default model
+    musicgen_small = LMConfig(codebook_size=2048, dim=1024, num_heads=16, num_layers=24, ffn_dim=4096)
+    assert step_weight_bytes(small_cpu) < SMALL_STEP_BYTES < step_weight_bytes(musicgen_small)
+    model.lm.cfg, saved = musicgen_small, model.lm.cfg
+    try:
+        assert model.lm.decoding_threads() is None  # all of torch's threads
+    finally:
+        model.lm.cfg = saved
     before = torch.get_num_threads()
     one = musicgen_lite.generate(CAPTIONS, duration=0.3, model=model, top_k=1, threads=1)
     two = musicgen_lite.generate(CAPTIONS, duration=0.3, model=model, top_k=1, threads=2)
