@@ -16,7 +16,6 @@ renderings do.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,7 +27,7 @@ from conditioning.melody_line import melody_line
 
 from .captions import CaptionFields, _sharps_for, key_name, split_for
 from .performance import Humanize, Note, Performance, PieceInfo, _dominant, describe, humanize
-from .render import SAMPLE_RATE, Job, _synth, normalize_rms, write_text, write_wav
+from .render import SAMPLE_RATE, Job, _synth, normalize_rms, piece_rng, write_text, write_wav
 from .voice import random_voice, sing
 
 # (word, lowest quarter-note BPM): a tempo belongs to the last word whose bound it reaches
@@ -155,11 +154,6 @@ def caption(rng: np.random.Generator, fields: CaptionFields, key: str, bpm: floa
     return ", ".join(head + parts + [instrument]) if rng.random() < 0.8 else ", ".join([instrument] + head + parts)
 
 
-def variant_rng(seed: int, name: str) -> np.random.Generator:
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
-
-
 def render_variants(perf: Performance, info: PieceInfo, job: Job) -> list[dict[str, Any]]:
     """Render `job.variants` augmented versions of each excerpt of one piece; return their metadata rows."""
     if not perf.notes:
@@ -168,7 +162,7 @@ def render_variants(perf: Performance, info: PieceInfo, job: Job) -> list[dict[s
     out = Path(job.out)
     rows = []
     for index, t0 in enumerate(excerpt_starts(perf, job.excerpt_seconds)):
-        rng = variant_rng(job.seed, f"{info.piece_id}/{index}")
+        rng = piece_rng(job.seed, f"{info.piece_id}/{index}")  # the same excerpt and seed, the same variants
         base_bpm = _dominant(perf.tempos, t0, t0 + job.excerpt_seconds) or 120.0
         window = [n.pitch for n in perf.notes if t0 <= n.start < t0 + job.excerpt_seconds]
         if len(window) < MIN_EXCERPT_NOTES:
