@@ -156,3 +156,24 @@ def test_melody_tracks_are_conditions_not_training_audio(tmp_path):
     files = scan(tmp_path)
     assert [f.rel for f in files] == ["audio/a.wav"]
     assert files[0].melody == tmp_path.resolve() / "melody/a.wav"
+
+
+@pytest.mark.slow
+def test_exported_midi_keeps_caption_context_and_split_when_rendered(tmp_path):
+    pytest.importorskip("music21")
+    pytest.importorskip("tinysoundfont")
+    font = default_soundfont()
+    if font is None:
+        pytest.skip("no General MIDI SoundFont installed")
+    from musicgen_lite.data import scores
+
+    exported = tmp_path / "midi"
+    assert scores.main(["--export-midi", "--out", str(exported), "--composers", "beach", "--max-pieces", "1"]) == 0
+    (sidecar,) = (exported / "midi").rglob("*.json")
+    info = json.loads(sidecar.read_text())
+    assert sidecar.with_suffix(".mid").is_file() and info["composer"] == "amy beach"
+    out = tmp_path / "audio"
+    assert scores.main(["--midi", str(exported / "midi"), "--out", str(out), "--variants", "1", "--soundfont", font]) == 0
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert rows and {r["composer"] for r in rows} == {"amy beach"}
+    assert {r["split"] for r in rows} == {scores.split_for(info["work_id"])}

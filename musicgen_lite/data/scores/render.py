@@ -226,5 +226,6 @@ def export_midi(midi_file: Any, info: PieceInfo, job: Job) -> list[dict[str, Any
     with replacing(path) as tmp:
         tmp.write_bytes(buffer.getvalue())
     write_text(path.with_suffix(".json"), json.dumps(dataclasses.asdict(info)))
-    return [{"path": path.relative_to(job.out).as_posix(), "piece": info.piece_id, "split": split_for(info.work_id),
+    return [{"path": path.relative_to(job.out).as_posix(), "text": " ".join(filter(None, (info.composer, info.genre))),
+             "piece": info.piece_id, "split": split_for(info.work_id), "seconds": round(midi_file.length, 3),
              "composer": info.composer or info.folder, "source": info.source}]
