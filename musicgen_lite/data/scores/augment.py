@@ -97,6 +97,7 @@ def excerpt(perf: Performance, t0: float, t1: float, semitones: int = 0, factor:
              n.velocity, n.channel)
         for n in perf.notes if t0 <= n.start < t1
     ]
+
     def moved(t: float) -> float:  # events before the excerpt take effect at its start
         return max(0.0, t - t0) / factor
 
@@ -134,8 +135,9 @@ def spell_key(rng: np.random.Generator, key: str) -> str:
 
 def caption(rng: np.random.Generator, fields: CaptionFields, key: str, bpm: float) -> str:
     """Varied wording of what was rendered: tempo word and/or BPM, key, and some of the context words."""
-    who = " ".join(x for x in (fields.composer if rng.random() < 0.7 else "", fields.genre if rng.random() < 0.7
-                               else "") if x)
+    composer = fields.composer if rng.random() < 0.7 else ""
+    genre = fields.genre if rng.random() < 0.7 else ""
+    who = " ".join(x for x in (composer, genre) if x)
     word = tempo_word(bpm)
     tempo_forms = (word, f"{word}, {round(bpm)} bpm", f"{round(bpm)} bpm", f"{word} tempo", f"{word} ({round(bpm)} bpm)")
     tempo = tempo_forms[int(rng.choice(len(tempo_forms), p=(0.35, 0.25, 0.1, 0.15, 0.15)))]
