@@ -47,6 +47,7 @@ import torch
 from ..api import generate
 from ..audio_data import DataError, read_metadata
 from ..cli_errors import UsageError
+from ..data.scores.captions import tonic_pitch_class
 from ..model import MusicGen
 from .music import ONSET_HOP, ONSET_N_FFT, PITCH_CLASSES, chroma, chroma_cosine, key_scores, onset_times
 from .sections import MIN_PEAK, load_excerpt
@@ -70,7 +71,6 @@ TEXTURE_KEYS = ("flatness_db_between_onsets", "silent_fraction", "onset_rate", "
 GOALS = {"mode_accuracy": 0.85, "tonic_accuracy": 0.5, "onset_ratio": 1.5, "faster_share": 5 / 6,
          "melody_with": 0.6, "melody_gain": 0.3}
 KEY_NAME = re.compile(r"\b([A-G])([#b]?)\s+(major|minor)\b")
-_NATURAL = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ def parse_key(text: str) -> tuple[int, str] | None:
     if found is None:
         return None
     letter, accidental, mode = found.groups()
-    return (_NATURAL[letter] + {"#": 1, "b": -1, "": 0}[accidental]) % 12, mode
+    return tonic_pitch_class(letter + accidental), mode
 
 
 def read_key(scores: np.ndarray | None, tonic: int) -> dict:

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from transformers import EncodecModel
 
 from codebooks.audio import LazyAudio, move_entries
 from codebooks.trainable import Codec
@@ -180,7 +181,7 @@ def build_trainer(cfg: TrainConfig, device: torch.device) -> Trainer:
     return Trainer(cfg, model, optimizer, mel_loss, disc, disc_optimizer, generator)
 
 
-def _grads_finite(params) -> bool:
+def grads_finite(params) -> bool:
     norm = torch.nn.utils.clip_grad_norm_(list(params), float("inf"))  # only measures: max_norm is infinite
     return bool(torch.isfinite(norm))
 
@@ -213,7 +214,7 @@ def train_step(t: Trainer, wav: Tensor) -> dict[str, float] | None:
         return None
     t.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if not _grads_finite(model.parameters()):
+    if not grads_finite(model.parameters()):
         t.optimizer.zero_grad(set_to_none=True)
         return None
 
@@ -223,7 +224,7 @@ def train_step(t: Trainer, wav: Tensor) -> dict[str, float] | None:
         if not torch.isfinite(disc_loss):
             return None
         disc_loss.backward()
-        if not _grads_finite(t.disc.parameters()):
+        if not grads_finite(t.disc.parameters()):
             t.disc_optimizer.zero_grad(set_to_none=True)
             return None
         t.disc_optimizer.step()
@@ -294,9 +295,14 @@ def save_checkpoint(t: Trainer, run: Path) -> Path:
 
 def export_codec(model: Codec, run: Path) -> None:
     """Save the codec as a transformers EncodecModel into run/ (each file written aside, then renamed)."""
+    save_encodec(model.to_encodec(), run)
+
+
+def save_encodec(model: EncodecModel, run: Path) -> None:
+    """A transformers EncodecModel into run/: written aside, then each file renamed in, config.json last."""
     # transformers silenced: save_pretrained would draw a progress bar for a single small file
     with transformers_silenced(), tempfile.TemporaryDirectory(dir=run, prefix=".export-") as tmp:
-        model.to_encodec().save_pretrained(tmp)
+        model.save_pretrained(tmp)
         move_entries(Path(tmp), run)  # config.json last: it marks completeness
 
 

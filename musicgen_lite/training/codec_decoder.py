@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,13 +26,11 @@ import torch
 import torch.nn.functional as F
 from transformers import EncodecModel
 
-from codebooks.audio import move_entries
-
 from ..cli_errors import UsageError
 from ..evaluate.signal import si_sdr
 from ..quiet import transformers_silenced
 from ..run_lock import RunInUse, RunLock
-from .codec import load_audio_data, sample_batch, validation_segments
+from .codec import grads_finite, load_audio_data, sample_batch, save_encodec, validation_segments
 from .codec_losses import MultiScaleMelLoss
 
 PROG = "train.py decoder"
@@ -54,12 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid-segments", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     return p
-
-
-def save(model: EncodecModel, run: Path) -> None:
-    with transformers_silenced(), tempfile.TemporaryDirectory(dir=run, prefix=".export-") as tmp:
-        model.save_pretrained(tmp)
-        move_entries(Path(tmp), run)  # config.json last: it marks completeness
 
 
 @torch.no_grad()
@@ -98,7 +89,7 @@ def tune(args: argparse.Namespace) -> None:
         loss = F.l1_loss(recon, wav) + 10 * F.mse_loss(recon, wav) + args.mel_weight * mel(recon, wav)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.decoder.parameters()):
+        if torch.isfinite(loss) and grads_finite(model.decoder.parameters()):
             optimizer.step()
         step += 1
         model.decoder.eval()
@@ -107,10 +98,10 @@ def tune(args: argparse.Namespace) -> None:
             print(f"step {step} | loss {loss.item():.4f} | valid SI-SDR {sdr:.2f} dB, mel {distance:.4f}", flush=True)
             log.write(f"{step},{time.perf_counter() - started:.1f},{loss.item():.5f},{sdr:.3f},{distance:.5f}\n")
             log.flush()
-            save(model, args.out)
+            save_encodec(model, args.out)
     sdr, distance = evaluate(model, segments, mel)
     print(f"done at step {step}: valid SI-SDR {sdr:.2f} dB, mel {distance:.4f}; codec written to {args.out}", flush=True)
-    save(model, args.out)
+    save_encodec(model, args.out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ import numpy as np
 
 from conditioning.melody_line import melody_line
 
-from .captions import CaptionFields, _sharps_for, key_name, split_for
+from .captions import CaptionFields, _sharps_for, key_name, split_for, tonic_pitch_class
 from .performance import Humanize, Note, Performance, PieceInfo, _dominant, describe, humanize
 from .render import SAMPLE_RATE, Job, _synth, normalize_rms, piece_rng, write_text, write_wav
 from .voice import random_voice, sing
@@ -39,9 +39,6 @@ TRANSPOSE_RANGE = (-6, 5)  # semitones: twelve keys around the written one
 PIANO_RANGE = (21, 108)
 RELEASE_SECONDS = 0.6  # notes still sounding at the excerpt's end ring this much longer
 MIN_EXCERPT_NOTES = 4
-NOTE_NAMES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
-PITCH_CLASS = {n: i for i, n in enumerate(NOTE_NAMES)} | {"Db": 1, "D#": 3, "Gb": 6, "G#": 8, "A#": 10,
-                                                         "Cb": 11, "B#": 0, "E#": 5, "Fb": 4}
 ENHARMONIC = {"C#": "Db", "Db": "C#", "D#": "Eb", "Eb": "D#", "F#": "Gb", "Gb": "F#", "G#": "Ab", "Ab": "G#",
               "A#": "Bb", "Bb": "A#"}
 # no global tempo change when humanising: the caption's BPM is the rendered one
@@ -59,7 +56,7 @@ def transpose_key(key: str, semitones: int) -> str:
         return ""
     tonic, mode = key.split()
     minor = mode == "minor"
-    return key_name(_sharps_for((PITCH_CLASS[tonic] + semitones) % 12, minor, None), minor)
+    return key_name(_sharps_for((tonic_pitch_class(tonic) + semitones) % 12, minor, None), minor)
 
 
 @dataclass(frozen=True)

@@ -220,6 +220,14 @@ _TONIC_HINT_BONUS = 0.1  # per opening/closing bass note on the tonic
 _MIN_KEY_CORRELATION = 0.5  # below this the music is not clearly in a key
 
 
+NATURAL_PITCH_CLASS = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
+
+
+def tonic_pitch_class(name: str) -> int:
+    """``"Eb"`` / ``"D#"`` -> 3, ``"Cb"`` -> 11: a note name's pitch class, any spelling."""
+    return (NATURAL_PITCH_CLASS[name[0]] + {"#": 1, "b": -1, "": 0}[name[1:]]) % 12
+
+
 def key_name(sharps: int, minor: bool) -> str:
     """``key_name(-2, False)`` -> ``"Bb major"``."""
     table = _MINOR_BY_SHARPS if minor else _MAJOR_BY_SHARPS
