@@ -2,8 +2,8 @@
 
 Every argument is checked before any work starts, so bad input costs nothing and writes nothing.
 Sampling arguments left at None take the model's own defaults (`MusicGen.generation_defaults`);
-`threads` sets the intra-op threads of the whole call (None: `TransformerLM.decoding_threads()`, all of
-torch's threads except for small models, which decode faster on one).
+`threads` sets the intra-op threads of the whole call (None: torch's own count, and for the decoding
+loop `TransformerLM.decoding_threads()`: all of them, or for a small model one or all, whichever is faster).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .audio_io import write_audio_files
 from .checkpoints import load_default_model, load_model
 from .generation_config import sampling_overrides
 from .model import MusicGen
-from .sampling import check_threads, intra_op_threads
+from .threads import check_threads, intra_op_threads
 
 MAX_DURATION = 600.0  # seconds; beyond this a request is almost certainly a mistake
 MAX_SEED = 2**64 - 1  # torch's generators take 64-bit seeds
@@ -295,7 +295,6 @@ def generate_stream(
     params = musicgen.sampling_params(overrides)
     frames = max(1, round(duration * musicgen.frame_rate))
     chunk_frames = max(1, round(chunk_seconds * musicgen.frame_rate))
-    threads = musicgen.lm.decoding_threads() if threads is None else threads
     first = max(1, chunk_frames // 4)
     pieces = musicgen.stream_tokens(texts, frames, params, generators, melody=wavs, threads=threads, chunk_frames=1)
     chunks = _on_threads(_decoded(musicgen, pieces, first, chunk_frames), threads)

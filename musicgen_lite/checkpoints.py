@@ -34,7 +34,7 @@ from .generation_config import read_generation_defaults, read_json_object
 from .lm import PRECISIONS, RENAMED_KEYS, LMConfig, TransformerLM
 from .model import FORMAT, MusicGen
 from .quiet import transformers_silenced
-from .sampling import intra_op_threads
+from .threads import intra_op_threads
 from .weight_files import SafetensorsFile, WeightFiles
 
 HF_MODEL_TYPES = ("musicgen", "musicgen_melody")

@@ -22,7 +22,7 @@ from .lm import PRECISIONS
 from .audio_io import LoudnessWarning, check_output
 from .cli_errors import ArgumentParser, UsageError, run_command
 from .quiet import silence_transformers
-from .sampling import check_threads
+from .threads import check_threads
 from .wav_stream import stream_file, stream_wav
 
 DEFAULT_LOUDNESS = -14.0  # LUFS

@@ -37,8 +37,9 @@ guidance) with every weight, so on a CPU it is bound by reading the weights from
 
 The sampling loop runs these steps on `TransformerLM.decoding_threads()` intra-op threads: the
 `decode_threads` setting when given, else all that torch is allowed to use, except for a model whose
-step reads less than SMALL_STEP_BYTES of weights: that step is bound by per-operation overhead, which
-more threads only add to (the bundled model, idle, 2 cores: 6.4x real time on one thread, 2.8x on two).
+step reads less than SMALL_STEP_BYTES of weights: that step is bound by per-operation overhead, and
+whether more threads help it depends on the machine's load, so the loop times one thread against all
+(the bundled model, 2 cores: idle, 10x real time on two threads and 7x on one; busy, the reverse).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from torch import Tensor, nn
 
 from .one_step import step_one
 from .packing import PackedLinear, linear, pack
-from .rows import pack_rows, row_invariant_attention
+from .rows import pack_rows, pad_keys, padded_keys, row_invariant_attention
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -145,6 +146,8 @@ class KVCache:
 
     def __init__(self, cfg: LMConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device,
                  independent_rows: bool = False):
+        if independent_rows:  # whole key blocks, so that row_invariant_attention reads the cache without padding it
+            max_len = padded_keys(max_len)
         shape = (cfg.num_layers, rows, cfg.num_heads, max_len, cfg.dim // cfg.num_heads)
         alloc = torch.zeros if independent_rows else torch.empty  # packed rows mask slots they never wrote
         self.k = alloc(shape, dtype=dtype, device=device)
@@ -186,7 +189,9 @@ class SelfAttention(nn.Module):
                 rows = torch.arange(n, device=x.device)[:, None]
                 cache.k[layer][rows, :, cache.rows_at] = k.transpose(1, 2)
                 cache.v[layer][rows, :, cache.rows_at] = v.transpose(1, 2)
-            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+            # packed rows: their bias covers whole key blocks, past `end` the cache holds zeros (no padding copy)
+            keys = end if cache.rows_bias is None else cache.rows_bias.shape[-1]
+            k, v = cache.k[layer, :, :, :keys], cache.v[layer, :, :, :keys]
             if cache.rows_bias is not None:
                 y = row_invariant_attention(q, k, v, cache.rows_bias)
             elif t == 1:  # one new query sees every cached key
@@ -256,7 +261,7 @@ class DecoderLayer(nn.Module):
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 
-SMALL_STEP_BYTES = 64 * 2**20  # fp32 weights of a step below which one decoding thread beats several
+SMALL_STEP_BYTES = 64 * 2**20  # fp32 weights of a step below which one decoding thread can beat several
 
 
 def step_weight_bytes(cfg: LMConfig) -> int:
@@ -368,12 +373,19 @@ class TransformerLM(nn.Module):
         return linear(self.heads, h, cache).view(n, t, self.cfg.num_codebooks, self.cfg.codebook_size).transpose(1, 2)  # [N,K,T,codebook_size]
 
     # -- incremental decoding -------------------------------------------------------------------
-    def decoding_threads(self) -> int | None:
-        """Intra-op threads for the sampling loop: `decode_threads` when set; else 1 for a small model
-        (step_weight_bytes below SMALL_STEP_BYTES), else None (all that torch may use)."""
+    def decoding_threads(self, independent_rows: bool = False) -> tuple[int, ...]:
+        """The intra-op thread counts the sampling loop may decode on (`threads.FastestThreads` times the
+        candidates and picks): `decode_threads` when set; all that torch may use for a model whose step
+        reads SMALL_STEP_BYTES or more. A smaller step is overhead-bound, and one thread or all may win
+        with the machine's load: both are candidates when the rows are decoded independently (that
+        attention gives the same numbers on any thread count), else one thread (fused attention splits
+        its keys by thread count, and a choice by timing would make the tokens depend on the machine)."""
         if self.decode_threads is not None:
-            return self.decode_threads
-        return 1 if step_weight_bytes(self.cfg) < SMALL_STEP_BYTES else None
+            return (self.decode_threads,)
+        everything = torch.get_num_threads()
+        if step_weight_bytes(self.cfg) >= SMALL_STEP_BYTES:
+            return (everything,)
+        return (1, everything) if independent_rows else (1,)
 
     def new_cache(self, conditions: LMConditions, max_steps: int) -> KVCache:
         """A cache for `max_steps` token steps (plus the prefix), with cross keys/values computed once
@@ -385,6 +397,8 @@ class TransformerLM(nn.Module):
             cache.attending = attending_rows(conditions.cross, conditions.cross_mask)
             mask = None if conditions.cross_mask is None else conditions.cross_mask[: cache.attending]
             cache.cross, cache.cross_bias = self._cross(conditions.cross[: cache.attending], mask)
+            if conditions.independent_rows and cache.cross:  # padded to whole key blocks once, not at every step
+                cache.cross, cache.cross_bias = pad_keys(cache.cross, cache.cross_bias)
         cache.packed = self._packed_weights(rows)
         cache.embed_table = torch.cat([e.weight for e in self.embed]).detach()
         return cache
@@ -425,7 +439,7 @@ class TransformerLM(nn.Module):
             else:
                 last = last - cache.lag
             x = x + self.positions(0, int(at.max()) + 1, x)[at]
-            keys = torch.arange(cache.length + t, device=x.device)
+            keys = torch.arange(padded_keys(cache.length + t), device=x.device)
             cache.rows_bias = self.key_bias(keys <= at[..., None])[:, None]  # [N or 1, 1, T, S]: own filled slots
         for i, layer in enumerate(self.layers):
             x = layer(x, cache, i, cache.cross[i] if cache.cross else None, cache.cross_bias)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .packing import linear
-from .rows import row_invariant_attention
+from .rows import padded_keys, row_invariant_attention
 
 if TYPE_CHECKING:
     from .lm import KVCache, TransformerLM
@@ -34,7 +34,8 @@ def step_one(lm: TransformerLM, tokens: Tensor, cache: KVCache) -> Tensor:
     else:  # each row at its own position, which is its cache slot; it sees its own filled slots
         at = pos - cache.lag  # [N]
         x = x + lm.positions(0, int(at.max()) + 1, x)[at]
-        bias = lm.key_bias(torch.arange(end, device=x.device) <= at[:, None])[:, None, None]  # [N, 1, 1, S]
+        keys = padded_keys(end)  # whole key blocks: the cache's unwritten slots are zero, the bias masks them
+        bias = lm.key_bias(torch.arange(keys, device=x.device) <= at[:, None])[:, None, None]  # [N, 1, 1, S]
     cross_attention = row_invariant_attention if cache.independent_rows else F.scaled_dot_product_attention
     for i, layer in enumerate(lm.layers):
         norm = layer.norm_self
@@ -47,7 +48,7 @@ def step_one(lm: TransformerLM, tokens: Tensor, cache: KVCache) -> Tensor:
         else:
             cache.k[i][rows, :, at] = k[:, :, 0]
             cache.v[i][rows, :, at] = v[:, :, 0]
-            y = row_invariant_attention(q, cache.k[i, :, :, :end], cache.v[i, :, :, :end], bias)
+            y = row_invariant_attention(q, cache.k[i, :, :, :keys], cache.v[i, :, :, :keys], bias)
         x = x + linear(layer.self_attn.out, y.view(n, d), cache)
         if layer.cross_attn is not None and cache.attending:
             a, norm = cache.attending, layer.norm_cross

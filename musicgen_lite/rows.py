@@ -15,6 +15,12 @@ from torch import Tensor
 KEY_BLOCK = 64  # keys are padded to a multiple of this in row_invariant_attention
 
 
+def padded_keys(length: int) -> int:
+    """`length` keys rounded up to a whole number of KEY_BLOCKs: a cache that holds zeros in its unwritten
+    slots can hand row_invariant_attention this many keys (bias masking the extra ones) and spare the copy."""
+    return length + (-length % KEY_BLOCK)
+
+
 def row_invariant_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
     """softmax(q k^T / sqrt(hd) + bias) v ([N, H, T, hd] queries, [N, H, S, hd] keys and values, an additive
     [N or 1, 1, T or 1, S] bias that holds the dtype's lowest value at masked keys), computed so that a
@@ -22,12 +28,23 @@ def row_invariant_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None
     of KEY_BLOCK, so that vectorised reductions group a row's keys the same way whatever the padding
     (fused attention kernels do not)."""
     pad = -k.shape[-2] % KEY_BLOCK
-    lowest = torch.finfo(q.dtype).min
     if bias is None:
         bias = q.new_zeros(1, 1, 1, k.shape[-2])
-    k, v, bias = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)), F.pad(bias, (0, pad), value=lowest)
+    if pad:
+        k, v, bias = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)), F.pad(bias, (0, pad), value=torch.finfo(q.dtype).min)
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + bias  # [N, H, T, S]
     return torch.softmax(scores, dim=-1) @ v
+
+
+def pad_keys(kv: list[tuple[Tensor, Tensor]], bias: Tensor | None) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+    """Per-layer keys and values [N, H, L, hd] and their [N, 1, 1, L] bias (None: no key masked), padded to
+    whole key blocks as row_invariant_attention would pad them: zero keys and values, the lowest bias."""
+    n, _, length, _ = kv[0][0].shape
+    pad = -length % KEY_BLOCK
+    if bias is None:
+        bias = kv[0][0].new_zeros(n, 1, 1, length)
+    padded = [(F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))) for k, v in kv]
+    return padded, F.pad(bias, (0, pad), value=torch.finfo(bias.dtype).min)
 
 
 def pack_rows(prefix: Tensor, mask: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:

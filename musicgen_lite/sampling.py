@@ -8,14 +8,14 @@ keep the special token and prompt slots keep the prompt. Randomness comes from o
 `torch.Generator` per batch row, so a row's tokens depend on its seed, not on its neighbours.
 
 On a CPU the loop runs on the `threads` it is given, else on `lm.decoding_threads()` (the model's
-setting, else all of torch's threads, or one for a small model), restoring the caller's thread count
-afterwards. `sample_frames` yields the frames as they complete, for streaming.
+setting, else all of torch's threads, or for a small model whichever of one and all `FastestThreads`
+times faster), restoring the caller's thread count afterwards. `sample_frames` yields the frames as they complete, for streaming.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from codebooks.patterns import CodebookPattern
 
 from .lm import LMConditions, TransformerLM
+from .threads import FastestThreads, intra_op_threads
 
 
 @dataclass
@@ -98,25 +99,6 @@ def sample_next(logits: Tensor, params: SamplingParams, u: Tensor) -> Tensor:
     return _pick(torch.softmax(top, dim=-1), idx, u)
 
 
-@contextmanager
-def intra_op_threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op thread count for this thread set to n (None: left as it is), then restored."""
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def check_threads(threads) -> int | None:
-    """None (torch's own count) or a positive integer; anything else is a one-line ValueError."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
-    return threads
-
-
 @torch.no_grad()
 def sample_frames(
     lm: TransformerLM,
@@ -171,15 +153,17 @@ def sample_frames(
     rows = copies * batch
     if conditions.rows != rows:
         raise ValueError(f"conditions have {conditions.rows} rows, expected {rows}")
-    if threads is None:
-        threads = lm.decoding_threads()
-    with intra_op_threads(threads) if device.type == "cpu" else nullcontext():
+    cpu = device.type == "cpu"
+    pace = FastestThreads((threads,) if threads is not None else lm.decoding_threads(conditions.independent_rows))
+    with intra_op_threads(pace.best) if cpu else nullcontext():
         cache = lm.new_cache(conditions, steps)
         inputs = seq[:, :, :first].repeat(copies, 1, 1)  # [rows, K, first]: every known step, fed at once
         step_tokens = seq.new_empty(copies, batch, k_books, 1)  # the next inputs, written in place
         u = torch.empty(batch, k_books)  # [B, K] one uniform per row and codebook
         bar = tqdm(total=steps - first, disable=not progress, desc="generating", unit="step")
         for s in range(first, steps):
+            if cpu:
+                pace.start()
             logits = lm.step(inputs, cache, conditions).float()  # [rows, K, codebook_size]
             if params.guided:
                 logits = classifier_free_guidance(logits, params.cfg_coef)
@@ -189,6 +173,8 @@ def sample_frames(
             seq[:, :, s] = torch.where(free[:, s], sampled, seq[:, :, s])
             step_tokens.copy_(seq[None, :, :, s : s + 1])
             inputs = step_tokens.view(rows, k_books, 1)
+            if cpu:
+                pace.stop()
             bar.update(1)
             ready = finished(s)
             if ready - done >= chunk or (ready == frames and ready > done):

@@ -103,13 +103,16 @@ def test_threads_default_by_model_size_and_do_not_change_tokens(model):
     from musicgen_lite.lm import SMALL_STEP_BYTES, LMConfig, step_weight_bytes
 
     assert model.lm.decode_threads is None
-    assert model.lm.decoding_threads() == 1  # a tiny model: its step is overhead, threads only add to it
+    everything = torch.get_num_threads()
+    # a tiny model: one thread or all, by timing, where that cannot change a number; else one
+    assert model.lm.decoding_threads(independent_rows=True) == (1, everything)
+    assert model.lm.decoding_threads(independent_rows=False) == (1,)
     small_cpu = LMConfig(codebook_size=1024, dim=256, num_heads=4, num_layers=6, ffn_dim=1024)  # the default model
     musicgen_small = LMConfig(codebook_size=2048, dim=1024, num_heads=16, num_layers=24, ffn_dim=4096)
     assert step_weight_bytes(small_cpu) < SMALL_STEP_BYTES < step_weight_bytes(musicgen_small)
     model.lm.cfg, saved = musicgen_small, model.lm.cfg
     try:
-        assert model.lm.decoding_threads() is None  # all of torch's threads
+        assert model.lm.decoding_threads(True) == model.lm.decoding_threads(False) == (everything,)
     finally:
         model.lm.cfg = saved
     before = torch.get_num_threads()
@@ -143,3 +146,61 @@ def test_the_threads_argument_sets_the_decoding_loops_threads(model, monkeypatch
     finally:
         model.lm.decode_threads = None
     assert seen == [3, 2, 1]
+
+
+def test_fastest_threads_runs_on_the_count_whose_trial_steps_were_faster(monkeypatch):
+    from musicgen_lite import threads
+
+    clock = [0.0]
+    monkeypatch.setattr(threads.time, "perf_counter", lambda: clock[0])
+    cost = {1: 1.0, 2: 3.0, 3: 1.0}  # seconds a step takes on each count: one thread is faster, then two
+
+    def run(pace, steps):
+        used = []
+        for _ in range(steps):
+            n = pace.start()
+            assert torch.get_num_threads() == n
+            clock[0] += cost[n]
+            pace.stop()
+            used.append(n)
+        return used
+
+    before = torch.get_num_threads()
+    try:
+        pace = threads.FastestThreads((1, 2), trial=2, period=10)
+        # the prefill on the most threads, the trial interleaved, then the faster count until the next trial
+        assert run(pace, 11) == [2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 1]
+        cost[1], cost[2] = 3.0, 1.0  # the machine changed
+        assert run(pace, 10) == [1, 2, 1, 2, 2, 2, 2, 2, 2, 2]
+        assert run(threads.FastestThreads((3,)), 4) == [3, 3, 3, 3]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_decoding_on_timed_thread_counts_gives_the_one_thread_tokens(tiny_default_like_dir, monkeypatch):
+    """A default-like model (prefix rows decoded independently) switches between one thread and two while
+    it samples; its tokens are those of one thread throughout."""
+    from musicgen_lite import sampling
+    from musicgen_lite.threads import FastestThreads
+
+    used = []
+
+    class Switching(FastestThreads):  # a one-step trial every three steps: the count changes all the time
+        def __init__(self, choices):
+            super().__init__(choices, trial=1, period=3)
+
+        def start(self):
+            used.append(super().start())
+            return used[-1]
+
+    model = musicgen_lite.load_model(tiny_default_like_dir)
+    before = torch.get_num_threads()
+    one = musicgen_lite.generate(CAPTIONS, duration=0.5, model=model, seed=3, threads=1)
+    monkeypatch.setattr(sampling, "FastestThreads", Switching)
+    torch.set_num_threads(2)
+    try:
+        auto = musicgen_lite.generate(CAPTIONS, duration=0.5, model=model, seed=3)
+    finally:
+        torch.set_num_threads(before)
+    assert set(used) == {1, 2}
+    np.testing.assert_array_equal(one.tokens, auto.tokens)
