@@ -72,7 +72,7 @@ def main() -> None:
     prompts = [MELODY_PROMPTS[i % len(MELODY_PROMPTS)] for i in range(args.prompts)]
     print(f"default model, {args.prompts} prompts x {args.seconds:g} s; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; {load()}", flush=True)
-    fp32 = load_default_model()
+    fp32 = load_default_model("fp32")
     rows = {"fp32": figures(fp32, None, prompts, args.seconds)}
     reference = rows["fp32"]
     other_seed = musicgen_lite.generate(prompts, duration=args.seconds, model=fp32, seed=[1000 + i for i in range(args.prompts)])

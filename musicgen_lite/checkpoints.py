@@ -32,7 +32,7 @@ from conditioning.text import T5Conditioner
 from .checksums import verify_manifest
 from .generation_config import read_generation_defaults, read_json_object
 from .lm import PRECISIONS, RENAMED_KEYS, LMConfig, TransformerLM
-from .model import FORMAT, MusicGen
+from .model import FORMAT, SAVED_PRECISIONS, MusicGen
 from .quiet import transformers_silenced
 from .threads import intra_op_threads
 from .weight_files import SafetensorsFile, WeightFiles
@@ -41,13 +41,22 @@ HF_MODEL_TYPES = ("musicgen", "musicgen_melody")
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
 
 
-def load_model(path_or_id: str | Path, precision: str = "fp32") -> MusicGen:
+def load_model(path_or_id: str | Path, precision: str | None = None) -> MusicGen:
     """A `MusicGen` from a directory (ours or transformers'), or a hub id found in the local cache.
-    `precision` ("fp32", "bf16", "fp16" or "int8") is the LM's, see `TransformerLM.set_precision`."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    model = _load(resolve_model_path(path_or_id))
-    model.lm.set_precision(precision)
+    `precision` ("fp32", "bf16", "fp16" or "int8") is the LM's, see `TransformerLM.set_precision`; None
+    is the precision the model was saved in: fp16 for a model saved so (the bundled one), else fp32.
+    Training and export need "fp32" (fp16 weights then become the same numbers in fp32)."""
+    check_precision(precision)
+    return with_precision(_load(resolve_model_path(path_or_id)), precision)
+
+
+def check_precision(precision: str | None) -> None:
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
+
+
+def with_precision(model: MusicGen, precision: str | None) -> MusicGen:
+    model.lm.set_precision(model.saved_precision if precision is None else precision)
     return model
 
 
@@ -98,6 +107,8 @@ def check_config(cfg: dict, where: Path) -> None:
         value = cfg.get(name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"{where}: {name} must be a positive number of seconds, got {value!r}")
+    if cfg.get("precision", "fp32") not in SAVED_PRECISIONS:
+        raise ValueError(f"{where}: precision must be one of {tuple(SAVED_PRECISIONS)}, got {cfg['precision']!r}")
     if not isinstance(cfg.get("batch_like_transformers", False), bool):
         raise ValueError(f"{where}: batch_like_transformers must be true or false, got {cfg['batch_like_transformers']!r}")
     if cfg.get("chroma") is not None:
@@ -112,18 +123,16 @@ def check_files(path: Path) -> None:
         SafetensorsFile(file).close()
 
 
-def load_default_model(precision: str = "fp32") -> MusicGen:
-    """The model bundled in the package (musicgen_lite/assets/default_model), see docs/MODEL_CARD.md."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+def load_default_model(precision: str | None = None) -> MusicGen:
+    """The model bundled in the package (musicgen_lite/assets/default_model), see docs/MODEL_CARD.md;
+    `precision` as for load_model (None: fp16, the precision it is stored in)."""
+    check_precision(precision)
     if not (DEFAULT_MODEL_DIR / "config.json").is_file():
         raise FileNotFoundError(
             "no default model is bundled with this installation; pass model=PATH "
             "(a musicgen_lite model directory or a Hugging Face MusicGen checkpoint)"
         )
-    model = _load(DEFAULT_MODEL_DIR)
-    model.lm.set_precision(precision)
-    return model
+    return with_precision(_load(DEFAULT_MODEL_DIR), precision)
 
 
 def resolve_model_path(path_or_id: str | Path) -> Path:

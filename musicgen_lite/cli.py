@@ -83,8 +83,8 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--float", action="store_true", help="write 32-bit float WAV instead of 16-bit PCM")
     p.add_argument("--plot", action="store_true", help="also write <out stem>.png: waveform, spectrogram, chromagrams (needs the [plot] extra)")
     p.add_argument("--model", help="model directory or cached hub id (default: the bundled model)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="LM weights: fp32 (exact, default); "
-                   "bf16, fp16 or int8 trade exactness for speed")
+    p.add_argument("--precision", choices=PRECISIONS, help="LM weights (default: the model's own, fp16 for the bundled "
+                   "model and fp32 for others); fp32 is exact, bf16, fp16 or int8 trade exactness for speed")
     p.add_argument("--seed", type=int, help="random seed for reproducible output")
     p.add_argument("--threads", type=int, help="CPU threads (default: all that torch may use; 1 is faster on a machine busy with other work)")
     p.add_argument("--top-k", type=int, help="sample among the k most likely codes (1 = greedy; default: the model's, MusicGen's 250)")

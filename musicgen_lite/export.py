@@ -35,7 +35,7 @@ def export(model: MusicGen | str | Path, directory: str | Path, format: str = "t
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if not isinstance(model, MusicGen):
-        model = load_model(model)
+        model = load_model(model, precision="fp32")
     cfg = model.lm.cfg
     if model.lm.precision != "fp32":
         raise ValueError(f"this model's LM is {model.lm.precision}; export a model loaded in fp32")

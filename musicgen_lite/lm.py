@@ -159,6 +159,7 @@ class KVCache:
         self.lag: Tensor | None = None
         self.rows_at: Tensor | None = None
         self.rows_bias: Tensor | None = None
+        self.step_bias: Tensor | None = None  # one-token steps: [N, 1, 1, max_len], kept and updated slot by slot
         self.cross: list[tuple[Tensor, Tensor]] | None = None  # per layer, [attending, H, L, hd] each
         self.cross_bias: Tensor | None = None  # [attending, 1, 1, L] additive mask
         self.attending = rows
@@ -428,7 +429,7 @@ class TransformerLM(nn.Module):
                 x = torch.cat([conditions.prefix.to(x), x], dim=1)
         n, t = x.shape[:2]
         last = torch.full((n,), t - 1, device=x.device)  # [N] each row's last input
-        cache.rows_at = cache.rows_bias = None
+        cache.rows_at = cache.rows_bias = cache.step_bias = None
         if cache.lag is None:
             x = x + self.positions(cache.length, t, x)
         else:

@@ -47,6 +47,7 @@ from .sampling import SamplingParams, sample_frames
 from .weight_files import WeightFiles
 
 FORMAT = "musicgen_lite"
+SAVED_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}  # how save_pretrained may store the LM
 
 
 class MusicGen(nn.Module):
@@ -75,6 +76,9 @@ class MusicGen(nn.Module):
         self.batch_like_transformers = batch_like_transformers  # see the module docstring
         self.pattern: CodebookPattern = make_pattern(lm.cfg.pattern, lm.cfg.num_codebooks)
         self.generation_defaults: SamplingParams = MUSICGEN_DEFAULTS
+        # the precision the LM's weights were saved in, and so its decoding default: "fp16" weights hold
+        # nothing an fp32 product of them would use, so they are decoded as fp16 (see load_model)
+        self.saved_precision = "fp32"
 
     def sampling_params(self, overrides: dict) -> SamplingParams:
         """This model's sampling defaults with the caller's `overrides` (SamplingParams fields) applied."""
@@ -223,10 +227,11 @@ class MusicGen(nn.Module):
         return self.melody_features(wavs)
 
     # -- persistence -----------------------------------------------------------------------------
-    def config_dict(self) -> dict:
+    def config_dict(self, precision: str = "fp32") -> dict:
         return {
             "format": FORMAT,
             "version": 1,
+            "precision": precision,
             "lm": self.lm.cfg.to_dict(),
             "max_duration": self.max_duration,
             "extend_stride": self.extend_stride,
@@ -244,20 +249,23 @@ class MusicGen(nn.Module):
             "hop_length": ex.hop_length,
         }
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, precision: str = "fp32") -> None:
         """Write config.json, model.safetensors (LM + projections), codec/, text_encoder/ and the
-        checksums of them all (checksums.sha256).
+        checksums of them all (checksums.sha256). `precision` "fp16" stores the LM's weights in half
+        precision (half the bytes; the model then decodes with fp16 weights by default, see load_model).
         Everything goes to a temporary sibling directory first and is renamed into place."""
+        if precision not in SAVED_PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(SAVED_PRECISIONS)}, got {precision!r}")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        tensors = {f"lm.{k}": v for k, v in self.lm.state_dict().items()}
+        tensors = {f"lm.{k}": v.to(SAVED_PRECISIONS[precision]) for k, v in self.lm.state_dict().items()}
         if not isinstance(self.text.proj, nn.Identity):
             tensors.update({f"text_proj.{k}": v for k, v in self.text.proj.state_dict().items()})
         if self.chroma is not None:
             tensors.update({f"chroma.{k}": v for k, v in self.chroma.state_dict().items()})
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "model.safetensors")
-        (tmp / "config.json").write_text(json.dumps(self.config_dict(), indent=2))
+        (tmp / "config.json").write_text(json.dumps(self.config_dict(precision), indent=2))
         write_generation_defaults(self.generation_defaults, tmp)
         self.codec.save_pretrained(tmp / "codec")
         self.text.save_pretrained(tmp / "text_encoder")
@@ -284,6 +292,7 @@ class MusicGen(nn.Module):
         codec = EncodecCodec.from_pretrained(path / "codec", num_codebooks=lm.cfg.num_codebooks)
         model = cls(lm, codec, text, chroma, cfg["max_duration"], cfg["extend_stride"], cfg.get("batch_like_transformers", False))
         model.generation_defaults = read_generation_defaults(path)
+        model.saved_precision = cfg.get("precision", "fp32")
         return model.eval()
 
 

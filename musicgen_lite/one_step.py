@@ -33,9 +33,13 @@ def step_one(lm: TransformerLM, tokens: Tensor, cache: KVCache) -> Tensor:
         x = x + lm.positions(pos, 1, x)[0]
     else:  # each row at its own position, which is its cache slot; it sees its own filled slots
         at = pos - cache.lag  # [N]
-        x = x + lm.positions(0, int(at.max()) + 1, x)[at]
+        x = x + lm.positions(0, end, x)[at]
+        if cache.step_bias is None:  # [N, 1, 1, capacity]: 0 at the slots a row has filled, lowest elsewhere
+            slots = torch.arange(cache.k.shape[3], device=x.device)
+            cache.step_bias = lm.key_bias(slots < at[:, None])[:, None, None]
+        cache.step_bias[rows, 0, 0, at] = 0  # the slot each row fills now
         keys = padded_keys(end)  # whole key blocks: the cache's unwritten slots are zero, the bias masks them
-        bias = lm.key_bias(torch.arange(keys, device=x.device) <= at[:, None])[:, None, None]  # [N, 1, 1, S]
+        bias = cache.step_bias[..., :keys]  # [N, 1, 1, S]
     cross_attention = row_invariant_attention if cache.independent_rows else F.scaled_dot_product_attention
     for i, layer in enumerate(lm.layers):
         norm = layer.norm_self

@@ -27,9 +27,11 @@ if TYPE_CHECKING:
 
 def linear(module: nn.Module, x: Tensor, cache: KVCache | None) -> Tensor:
     """module(x) for a bias-free linear layer, through the packed copy of its weight when the cache has one."""
-    packed = None if cache is None else cache.packed.get(module)
-    if packed is None:
+    if cache is None:
         return module(x)
+    packed = cache.packed.get(module)
+    if packed is None:  # decoding: no hooks to run, so the module call's overhead is skipped
+        return module.forward(x)
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, None, "none", [], "")
     return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -122,4 +124,6 @@ class PackedLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        raise RuntimeError(f"an LM converted to {self.precision} is for inference only; save it before set_precision")
+        if self.precision != "fp16":
+            raise RuntimeError(f"an LM converted to {self.precision} is for inference only; save it before set_precision")
+        destination[prefix + "weight"] = torch.ops.quantized.linear_unpack_fp16(self.packed)[0]  # the fp16 values, exactly

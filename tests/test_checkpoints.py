@@ -94,7 +94,8 @@ def test_a_fine_tuned_musicgen_exports_to_musicgen(cross_model, tmp_path):
 
 
 def test_the_bundled_model_exports(tmp_path):
-    model = load_default_model()
+    assert load_default_model().lm.precision == "fp16"  # saved in fp16, decoded so by default
+    model = load_default_model("fp32")  # the same numbers in fp32: what transformers computes with
     directory = musicgen_lite.export(model, tmp_path / "default")
     assert_transformers_decodes_it(model, directory, PROMPTS[:2])
     assert model.generation_defaults.cfg_coef == 8.0  # the bundled model's own, carried by the export
@@ -144,6 +145,33 @@ def test_a_sharded_checkpoint_loads_like_the_single_file(tiny_melody_dir, tmp_pa
     shard.unlink()
     with pytest.raises(ValueError, match=f"shard {shard.name} is missing"):
         musicgen_lite.load_model(sharded)
+
+
+def test_a_model_saved_in_fp16_decodes_in_fp16_and_keeps_its_values(tiny_default_like_dir, tmp_path):
+    full = musicgen_lite.load_model(tiny_default_like_dir)
+    assert full.lm.precision == "fp32"
+    full.save_pretrained(tmp_path / "half", precision="fp16")
+    config = json.loads((tmp_path / "half" / "config.json").read_text())
+    assert config["precision"] == "fp16"
+    assert (tmp_path / "half" / "model.safetensors").stat().st_size < 0.6 * (tiny_default_like_dir / "model.safetensors").stat().st_size
+    half = musicgen_lite.load_model(tmp_path / "half")
+    assert half.lm.precision == "fp16"
+    widened = musicgen_lite.load_model(tmp_path / "half", precision="fp32")
+    expected = {k: v.half().float() for k, v in full.lm.state_dict().items()}
+    for states in (widened.lm.state_dict(), half.lm.state_dict()):  # fp16 packed weights unpack exactly
+        assert states.keys() == expected.keys()
+        for name, value in states.items():
+            assert torch.equal(value, expected[name]), name
+    half.save_pretrained(tmp_path / "again", precision="fp16")  # an fp16 model saves as it loaded
+    again = musicgen_lite.load_model(tmp_path / "again", precision="fp32").lm.state_dict()
+    assert all(torch.equal(again[k], v) for k, v in expected.items())
+    with pytest.raises(ValueError, match="precision must be one of"):
+        full.save_pretrained(tmp_path / "x", precision="bf16")
+    config["precision"] = "int4"
+    (tmp_path / "half" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "half" / "checksums.sha256").unlink()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        musicgen_lite.load_model(tmp_path / "half")
 
 
 def test_weights_are_read_in_any_float_dtype(tmp_path):

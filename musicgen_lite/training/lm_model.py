@@ -38,7 +38,7 @@ def build_base(cfg: Config, files: list[AudioFile], path: Path) -> None:
     """Write the run's starting model to `path` (from --model, or from a preset and --codec)."""
     if cfg.model is not None:
         try:
-            model = load_model(cfg.model)
+            model = load_model(cfg.model, precision="fp32")  # trainable weights, whatever it was saved in
         except (ValueError, FileNotFoundError) as e:
             raise UsageError(str(e)) from None
         if cfg.melody and not model.has_melody:
