@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 from numpy.lib.stride_tricks import sliding_window_view
-from scipy.signal import lfilter
 
 from codebooks.audio import TOKEN_BYTES, replacing, temporary_name
 
@@ -67,6 +66,20 @@ def k_weighting(sample_rate: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(shelf_b, shelf_a), (highpass_b, highpass_a)]
 
 
+def k_weighted(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """[C, N] audio through the K-weighting biquads from rest, as a product of spectra: the filters'
+    frequency responses on an FFT grid that leaves a second of zeros after the audio, which their
+    impulse responses (the slowest decays by e^-240 in a second) cannot reach across. The same numbers
+    as the recursion to float64 rounding, in a fraction of its time."""
+    n = audio.shape[-1]
+    size = 1 << (n + sample_rate - 1).bit_length()  # >= n + one second
+    z = np.exp(-1j * np.pi * np.arange(size // 2 + 1) / (size // 2))  # e^-jw on the rfft grid
+    response = np.ones_like(z)
+    for b, a in k_weighting(sample_rate):
+        response *= np.polyval(b[::-1], z) / np.polyval(a[::-1], z)  # sum_i b_i z^i / sum_i a_i z^i
+    return np.fft.irfft(np.fft.rfft(audio, size, axis=-1) * response, size, axis=-1)[..., :n]
+
+
 def loudness(audio: np.ndarray, sample_rate: int) -> float:
     """Integrated loudness in LUFS of [C, N] (or mono [N]) audio; -inf when every block is gated.
 
@@ -74,10 +87,7 @@ def loudness(audio: np.ndarray, sample_rate: int) -> float:
     can still be normalised.
     """
     audio = _as_channels(audio)
-    weighted = audio.astype(np.float64)
-    for b, a in k_weighting(sample_rate):
-        weighted = lfilter(b, a, weighted, axis=-1)
-    power = _block_power(weighted, sample_rate)  # [C, blocks]
+    power = _block_power(k_weighted(audio.astype(np.float64), sample_rate), sample_rate)  # [C, blocks]
     block_loudness = _lufs(power.sum(axis=0))  # [blocks]
     kept = block_loudness > ABSOLUTE_GATE
     if not kept.any():
