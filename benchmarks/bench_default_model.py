@@ -4,7 +4,8 @@ streamed audio, and the cold command line.
     python benchmarks/bench_default_model.py [--seconds 10] [--runs 3] [--no-cli]
 
 1. In one process, after a warm-up: `generate()` of `--seconds` of audio (text encoding, LM steps,
-   codec decode) with threads=1 and with all the threads torch may use, alternating; the
+   codec decode) with threads=1, with all the threads torch may use, and with the library default
+   (threads=None: the decoding loop times one against all, see musicgen_lite/threads.py), in turn; the
    real-time factor is audio seconds per wall-clock second. The LM steps' share is timed apart.
 2. `generate_stream()`: seconds from the call to the first chunk, and to the last.
 3. A fresh `python generate.py --text ... --duration 10` (cold: imports, model load, generation,
@@ -64,10 +65,11 @@ def timed_generate(seconds: float, threads: int | None, seed: int) -> tuple[floa
 def in_process(seconds: float, runs: int) -> None:
     musicgen_lite.generate(PROMPT, duration=1.0, seed=0)  # loads the model, warms up
     everything = torch.get_num_threads()
-    names = {1: "1 thread", everything: f"all threads ({everything})"}
+    names = {1: "1 thread", everything: f"all threads ({everything})", None: "library default"}
     totals = {k: [] for k in names}
     for run in range(runs):
-        for threads in (1, everything) if run % 2 == 0 else (everything, 1):
+        order = list(names)
+        for threads in order[run % 3 :] + order[: run % 3]:
             total, lm = timed_generate(seconds, threads, run)
             totals[threads].append(total)
             print(f"  run {run + 1}/{runs} {names[threads]:18s} {seconds / total:5.1f}x real time "
