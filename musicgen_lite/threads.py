@@ -6,9 +6,10 @@ times slower (a busy one: each operation waits for a thread that is not running)
 changes while a clip is generated. `FastestThreads` therefore times the candidates in turn, a few
 steps each, and runs on the fastest until the next trial:
 
-    step      0 | 1  2  3  4  5  6  7  8 | 9 ... 127 | 128 ... 135 | 136 ...
+    step      0 | 1  2  3  4  5  6  7  8 | 9 ... 128 | 129 ... 136 | 137 ...
     threads   2 | 1  2  1  2  1  2  1  2 | fastest   | 1 2 1 2 ... | fastest
-              prefill   trial (interleaved)            trial again
+              prefill   trial (interleaved)            trial again: 128 steps after the last one,
+                                                       twice that if the last one kept the count
 
 It is used only where the step's numbers do not depend on the thread count (see
 `TransformerLM.decoding_threads`), so the tokens are the same whatever it picks.
@@ -46,27 +47,31 @@ def check_threads(threads) -> int | None:
 class FastestThreads:
     """Chooses the thread count of each decoding step among `choices`: the first step (the prefill, many
     positions at once) runs on the most threads; then every `period` steps the choices take turns for
-    `trial` steps each, and the one with the lowest median step time runs until the next trial."""
+    `trial` steps each, and the one with the lowest median step time runs until the next trial. A
+    choice whose step takes over SLOWER times the fastest step of the trial leaves the trial at once (on
+    a busy machine a second thread can make a step ten times slower), and each trial that keeps the
+    running choice doubles the period, up to `max_period`, so that a steady machine pays for few trials."""
 
-    def __init__(self, choices: tuple[int, ...], trial: int = 4, period: int = 128):
+    SLOWER = 4.0
+
+    def __init__(self, choices: tuple[int, ...], trial: int = 4, period: int = 128, max_period: int = 1024):
         self.choices = tuple(dict.fromkeys(choices))
-        self.trial, self.period = trial, period
+        self.trial, self.base_period, self.max_period = trial, period, max_period
+        self.period = period
         self.best = max(self.choices)
-        self.times: dict[int, list[float]] = {n: [] for n in self.choices}
         self.steps = 0
+        self.next_trial = 1 if len(self.choices) > 1 else -1  # the step that starts the next trial
+        self.trial_start = 0
+        self.queue: list[int] = []  # the thread counts of the trial's remaining steps
+        self.times: dict[int, list[float]] = {}
         self._current: tuple[int, float] | None = None
-
-    def _phase(self) -> int | None:
-        """The position of the coming step in its trial, or None outside a trial."""
-        if self.steps == 0 or len(self.choices) == 1:
-            return None
-        phase = (self.steps - 1) % self.period
-        return phase if phase < self.trial * len(self.choices) else None
 
     def start(self) -> int:
         """Set torch's threads for the coming step; returns the count."""
-        phase = self._phase()
-        n = self.best if phase is None else self.choices[phase % len(self.choices)]
+        if self.steps == self.next_trial:
+            self.trial_start, self.queue = self.steps, [c for _ in range(self.trial) for c in self.choices]
+            self.times = {c: [] for c in self.choices}
+        n = self.queue[0] if self.queue else self.best
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
         self._current = (n, time.perf_counter())
@@ -75,10 +80,23 @@ class FastestThreads:
     def stop(self) -> None:
         """The step started by `start` has finished."""
         n, began = self._current
-        phase = self._phase()
-        if phase is not None:
-            self.times[n].append(time.perf_counter() - began)
-            if phase == self.trial * len(self.choices) - 1:  # the trial's last step
-                self.best = min(self.choices, key=lambda c: statistics.median(self.times[c]))
-                self.times = {c: [] for c in self.choices}
         self.steps += 1
+        if not self.queue:
+            return
+        took = time.perf_counter() - began
+        self.queue.pop(0)
+        self.times[n].append(took)
+        others = [t for c, ts in self.times.items() if c != n for t in ts]
+        if others and took > self.SLOWER * min(others):  # out of this trial
+            self.queue = [c for c in self.queue if c != n]
+            if len(set(self.queue)) <= 1:  # no other pair left to compare
+                self.queue = []
+        if not self.queue:
+            self._decide()
+
+    def _decide(self) -> None:
+        medians = {c: statistics.median(ts) for c, ts in self.times.items() if ts}
+        best = min(medians, key=medians.get)
+        self.period = min(2 * self.period, self.max_period) if best == self.best else self.base_period
+        self.best = best
+        self.next_trial = self.trial_start + self.period

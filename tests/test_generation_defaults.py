@@ -173,6 +173,11 @@ def test_fastest_threads_runs_on_the_count_whose_trial_steps_were_faster(monkeyp
         cost[1], cost[2] = 3.0, 1.0  # the machine changed
         assert run(pace, 10) == [1, 2, 1, 2, 2, 2, 2, 2, 2, 2]
         assert run(threads.FastestThreads((3,)), 4) == [3, 3, 3, 3]
+        # two threads ten times slower (a busy machine): they leave each trial after one step, and trials
+        # that keep one thread come half as often each time
+        cost[1], cost[2] = 1.0, 10.0
+        used = run(threads.FastestThreads((1, 2), trial=2, period=10), 41)
+        assert [i for i, n in enumerate(used) if n == 2] == [0, 2, 12, 32]
     finally:
         torch.set_num_threads(before)
 
