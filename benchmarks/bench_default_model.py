@@ -124,7 +124,7 @@ def main() -> None:
     ap.add_argument("--no-cli", action="store_true", help="skip the cold command-line runs")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; {load()}")
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}; {load()}")
     in_process(args.seconds, args.runs)
     first_chunk(args.seconds, args.runs)
     if not args.no_cli:

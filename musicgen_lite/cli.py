@@ -86,7 +86,8 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, help="LM weights (default: the model's own, fp16 for the bundled "
                    "model and fp32 for others); fp32 is exact, bf16, fp16 or int8 trade exactness for speed")
     p.add_argument("--seed", type=int, help="random seed for reproducible output")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all that torch may use; 1 is faster on a machine busy with other work)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all that torch may use; a small model's decoding "
+                   "loop times one thread against all and runs on the faster)")
     p.add_argument("--top-k", type=int, help="sample among the k most likely codes (1 = greedy; default: the model's, MusicGen's 250)")
     p.add_argument("--top-p", type=float, help="nucleus sampling mass (0 = off; wins over top-k; default: the model's, MusicGen's 0)")
     p.add_argument("--temperature", type=float, help="softmax temperature (> 0; default: the model's, MusicGen's 1)")

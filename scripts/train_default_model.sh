@@ -64,8 +64,8 @@ for model in lm v1; do
 done
 python -m musicgen_lite.evaluate pairs --compare "$WORK"/pairs_*.json
 
-# 5. Install as the default model.
+# 5. Install as the default model, its LM stored (and by default decoded) in fp16.
 if [ "${INSTALL:-1}" = 1 ]; then
-  python -c "import sys, musicgen_lite; musicgen_lite.load_model(sys.argv[1]).save_pretrained(sys.argv[2])" \
+  python -c "import sys, musicgen_lite; musicgen_lite.load_model(sys.argv[1]).save_pretrained(sys.argv[2], precision='fp16')" \
       "$WORK/lm" musicgen_lite/assets/default_model
 fi
