@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from .one_step import step_one
 from .packing import PackedLinear, linear, pack
-from .rows import pack_rows, pad_keys, padded_keys, row_invariant_attention
+from .rows import pack_rows, padded_keys, padded_to_blocks, row_invariant_attention
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -399,7 +399,8 @@ class TransformerLM(nn.Module):
             mask = None if conditions.cross_mask is None else conditions.cross_mask[: cache.attending]
             cache.cross, cache.cross_bias = self._cross(conditions.cross[: cache.attending], mask)
             if conditions.independent_rows and cache.cross:  # padded to whole key blocks once, not at every step
-                cache.cross, cache.cross_bias = pad_keys(cache.cross, cache.cross_bias)
+                padded = [padded_to_blocks(k, v, cache.cross_bias) for k, v in cache.cross]
+                cache.cross, cache.cross_bias = [(k, v) for k, v, _ in padded], padded[0][2]
         cache.packed = self._packed_weights(rows)
         cache.embed_table = torch.cat([e.weight for e in self.embed]).detach()
         return cache

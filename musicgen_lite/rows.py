@@ -27,24 +27,20 @@ def row_invariant_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None
     row's result does not depend on how many masked keys trail its own: the keys are padded to a multiple
     of KEY_BLOCK, so that vectorised reductions group a row's keys the same way whatever the padding
     (fused attention kernels do not)."""
-    pad = -k.shape[-2] % KEY_BLOCK
-    if bias is None:
-        bias = q.new_zeros(1, 1, 1, k.shape[-2])
-    if pad:
-        k, v, bias = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)), F.pad(bias, (0, pad), value=torch.finfo(q.dtype).min)
+    k, v, bias = padded_to_blocks(k, v, bias)
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + bias  # [N, H, T, S]
     return torch.softmax(scores, dim=-1) @ v
 
 
-def pad_keys(kv: list[tuple[Tensor, Tensor]], bias: Tensor | None) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
-    """Per-layer keys and values [N, H, L, hd] and their [N, 1, 1, L] bias (None: no key masked), padded to
-    whole key blocks as row_invariant_attention would pad them: zero keys and values, the lowest bias."""
-    n, _, length, _ = kv[0][0].shape
-    pad = -length % KEY_BLOCK
+def padded_to_blocks(k: Tensor, v: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """[N, H, S, hd] keys and values and their [N or 1, 1, T or 1, S] bias (None: no key masked), with S
+    padded to whole key blocks: zero keys and values, the dtype's lowest bias (a copy only where S falls short)."""
     if bias is None:
-        bias = kv[0][0].new_zeros(n, 1, 1, length)
-    padded = [(F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))) for k, v in kv]
-    return padded, F.pad(bias, (0, pad), value=torch.finfo(bias.dtype).min)
+        bias = k.new_zeros(1, 1, 1, k.shape[-2])
+    pad = -k.shape[-2] % KEY_BLOCK
+    if pad:
+        k, v, bias = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)), F.pad(bias, (0, pad), value=torch.finfo(k.dtype).min)
+    return k, v, bias
 
 
 def pack_rows(prefix: Tensor, mask: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
