@@ -209,3 +209,19 @@ def test_decoding_on_timed_thread_counts_gives_the_one_thread_tokens(tiny_defaul
         torch.set_num_threads(before)
     assert set(used) == {1, 2}
     np.testing.assert_array_equal(one.tokens, auto.tokens)
+
+
+@pytest.mark.slow
+def test_import_bounds_openmp_spinning_unless_the_user_chose():
+    import os
+    import subprocess
+    import sys
+
+    def spin_after_import(**preset):
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | preset
+        code = "import os, musicgen_lite; print(os.environ.get('GOMP_SPINCOUNT'))"
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+    assert spin_after_import() == "10000"
+    assert spin_after_import(GOMP_SPINCOUNT="5") == "5"
+    assert spin_after_import(OMP_WAIT_POLICY="PASSIVE") == "None"
