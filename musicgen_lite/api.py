@@ -297,26 +297,29 @@ def generate_stream(
     chunk_frames = max(1, round(chunk_seconds * musicgen.frame_rate))
     first = max(1, chunk_frames // 4)
     pieces = musicgen.stream_tokens(texts, frames, params, generators, melody=wavs, threads=threads, chunk_frames=1)
-    chunks = _on_threads(_decoded(musicgen, pieces, first, chunk_frames), threads)
+    decoding = torch.get_num_threads() if threads is None else threads  # the caller's, not the sampling loop's last choice
+    chunks = _on_threads(_decoded(musicgen, pieces, first, chunk_frames, decoding), threads)
     return AudioStream(chunks, musicgen.sample_rate, musicgen.codec.channels, frames * musicgen.codec.hop_length)
 
 
-def _decoded(model: MusicGen, pieces: Iterator[torch.Tensor], first: int, chunk: int) -> Iterator[np.ndarray]:
-    """[1, K, n] code pieces -> float32 [channels, samples] audio chunks. The first chunk is decoded
-    once `first` frames are in, and each next one after twice as many as the last, up to `chunk`:
-    sound starts early, and while generation runs at least twice as fast as playback, each chunk is
-    ready before the one before it has played."""
+def _decoded(model: MusicGen, pieces: Iterator[torch.Tensor], first: int, chunk: int, threads: int) -> Iterator[np.ndarray]:
+    """[1, K, n] code pieces -> float32 [channels, samples] audio chunks, decoded on `threads`. The first
+    chunk is decoded once `first` frames are in, and each next one after twice as many as the last, up
+    to `chunk`: sound starts early, and while generation runs at least twice as fast as playback, each
+    chunk is ready before the one before it has played."""
     decoder = StreamingDecoder(model.codec, piece_frames=chunk)
     waiting, target = [], first  # pieces not yet decoded; frames that make the next chunk
     for piece in pieces:
         waiting.append(piece)
         if sum(p.shape[-1] for p in waiting) >= target:
-            audio = decoder.push(torch.cat(waiting, dim=-1))
+            with intra_op_threads(threads):
+                audio = decoder.push(torch.cat(waiting, dim=-1))
             waiting, target = [], min(2 * target, chunk)
             if audio.shape[-1]:
                 yield audio[0].float().cpu().numpy()
-    rest = [decoder.push(torch.cat(waiting, dim=-1))] if waiting else []
-    audio = torch.cat([*rest, decoder.flush()], dim=-1)
+    with intra_op_threads(threads):
+        rest = [decoder.push(torch.cat(waiting, dim=-1))] if waiting else []
+        audio = torch.cat([*rest, decoder.flush()], dim=-1)
     if audio.shape[-1]:
         yield audio[0].float().cpu().numpy()
 

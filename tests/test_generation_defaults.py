@@ -182,7 +182,8 @@ def test_fastest_threads_runs_on_the_count_whose_trial_steps_were_faster(monkeyp
         torch.set_num_threads(before)
 
 
-def test_decoding_on_timed_thread_counts_gives_the_one_thread_tokens(tiny_default_like_dir, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_decoding_on_timed_thread_counts_gives_the_one_thread_tokens(tiny_default_like_dir, monkeypatch, precision):
     """A default-like model (prefix rows decoded independently) switches between one thread and two while
     it samples; its tokens are those of one thread throughout."""
     from musicgen_lite import sampling
@@ -198,7 +199,7 @@ def test_decoding_on_timed_thread_counts_gives_the_one_thread_tokens(tiny_defaul
             used.append(super().start())
             return used[-1]
 
-    model = musicgen_lite.load_model(tiny_default_like_dir)
+    model = musicgen_lite.load_model(tiny_default_like_dir, precision=precision)
     before = torch.get_num_threads()
     one = musicgen_lite.generate(CAPTIONS, duration=0.5, model=model, seed=3, threads=1)
     monkeypatch.setattr(sampling, "FastestThreads", Switching)
@@ -225,3 +226,22 @@ def test_import_bounds_openmp_spinning_unless_the_user_chose():
     assert spin_after_import() == "10000"
     assert spin_after_import(GOMP_SPINCOUNT="5") == "5"
     assert spin_after_import(OMP_WAIT_POLICY="PASSIVE") == "None"
+
+
+def test_a_stream_is_the_same_whatever_thread_counts_the_loop_chose(tiny_default_like_dir, monkeypatch):
+    """The decoding loop's timed thread choice differs from run to run; the streamed audio does not."""
+    from musicgen_lite import sampling
+    from musicgen_lite.threads import FastestThreads
+
+    model = musicgen_lite.load_model(tiny_default_like_dir)
+    runs = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for period in (3, 4):  # other switching patterns: the loop's last count before each chunk differs
+            monkeypatch.setattr(sampling, "FastestThreads", lambda choices, p=period: FastestThreads(choices, trial=1, period=p))
+            stream = musicgen_lite.generate_stream(CAPTIONS[0], duration=0.6, model=model, seed=5, chunk_seconds=0.2)
+            runs.append(np.concatenate(list(stream), axis=-1))
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_array_equal(runs[0], runs[1])
