@@ -76,8 +76,8 @@ class MusicGen(nn.Module):
         self.batch_like_transformers = batch_like_transformers  # see the module docstring
         self.pattern: CodebookPattern = make_pattern(lm.cfg.pattern, lm.cfg.num_codebooks)
         self.generation_defaults: SamplingParams = MUSICGEN_DEFAULTS
-        # the precision the LM's weights were saved in, and so its decoding default: "fp16" weights hold
-        # nothing an fp32 product of them would use, so they are decoded as fp16 (see load_model)
+        # the precision the LM's weights were saved in, and so its decoding default (see load_model):
+        # weights saved in fp16 are fp16 numbers, and fbgemm's fp16 products sum them in fp32
         self.saved_precision = "fp32"
 
     def sampling_params(self, overrides: dict) -> SamplingParams:
@@ -249,11 +249,14 @@ class MusicGen(nn.Module):
             "hop_length": ex.hop_length,
         }
 
-    def save_pretrained(self, path: str | Path, precision: str = "fp32") -> None:
+    def save_pretrained(self, path: str | Path, precision: str | None = None) -> None:
         """Write config.json, model.safetensors (LM + projections), codec/, text_encoder/ and the
         checksums of them all (checksums.sha256). `precision` "fp16" stores the LM's weights in half
-        precision (half the bytes; the model then decodes with fp16 weights by default, see load_model).
+        precision (half the bytes; the model then decodes with fp16 weights by default, see load_model);
+        None keeps the LM's own: fp16 for an LM decoding in fp16, else fp32 (which loses nothing of bf16).
         Everything goes to a temporary sibling directory first and is renamed into place."""
+        if precision is None:
+            precision = self.lm.precision if self.lm.precision in SAVED_PRECISIONS else "fp32"
         if precision not in SAVED_PRECISIONS:
             raise ValueError(f"precision must be one of {tuple(SAVED_PRECISIONS)}, got {precision!r}")
         path = Path(path)

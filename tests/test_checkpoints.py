@@ -162,9 +162,12 @@ def test_a_model_saved_in_fp16_decodes_in_fp16_and_keeps_its_values(tiny_default
         assert states.keys() == expected.keys()
         for name, value in states.items():
             assert torch.equal(value, expected[name]), name
-    half.save_pretrained(tmp_path / "again", precision="fp16")  # an fp16 model saves as it loaded
+    half.save_pretrained(tmp_path / "again")  # an fp16 model saves as it loaded, in fp16
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["precision"] == "fp16"
     again = musicgen_lite.load_model(tmp_path / "again", precision="fp32").lm.state_dict()
     assert all(torch.equal(again[k], v) for k, v in expected.items())
+    widened.save_pretrained(tmp_path / "wide")  # an LM computing in fp32 saves in fp32
+    assert json.loads((tmp_path / "wide" / "config.json").read_text())["precision"] == "fp32"
     with pytest.raises(ValueError, match="precision must be one of"):
         full.save_pretrained(tmp_path / "x", precision="bf16")
     config["precision"] = "int4"

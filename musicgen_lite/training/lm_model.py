@@ -44,7 +44,7 @@ def build_base(cfg: Config, files: list[AudioFile], path: Path) -> None:
         if cfg.melody and not model.has_melody:
             raise UsageError(f"--melody needs a melody model, and {cfg.model} has no melody conditioning")
         model.batch_like_transformers = False  # trained here: each row at its own positions, as generation then places it
-        model.save_pretrained(path)
+        model.save_pretrained(path, precision="fp32")  # the run trains fp32 weights
         return
     try:
         codec = EncodecCodec.from_pretrained(cfg.codec)
