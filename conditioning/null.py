@@ -4,7 +4,12 @@ Classifier-free guidance mixes the LM's logits under the real conditions with
 its logits under "no condition". As in transformers' MusicGen, no text is a
 zero embedding with a zero mask, and no melody is a chroma that is one-hot on
 bin 0 in every frame. Training replaces a random subset of rows with these
-null conditions so the same model learns both distributions.
+null conditions so the same model learns both distributions. A melody model
+also drops the melody alone from a share of the other rows (MusicGen-Melody's
+attribute dropout, 0.5 of rows in audiocraft): without those text-only rows the
+melody carries key and rhythm whenever text does, so the model never needs to
+read key or tempo words, and a prompt without a melody is a condition it never
+saw in training.
 """
 
 from __future__ import annotations
@@ -31,13 +36,15 @@ def drop_conditions(
     features: Tensor | None,
     p: float,
     generator: torch.Generator | None = None,
+    melody_p: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Replace each batch row, with probability `p`, by its null text and null melody (both together).
+    """Replace each batch row, with probability `p`, by its null text and null melody (both together),
+    and the melody alone of each other row with probability `melody_p`.
 
     emb [B, L, D], mask [B, L], features [B, T, C] or None -> the same shapes.
     """
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+    if not (0.0 <= p <= 1.0 and 0.0 <= melody_p <= 1.0):
+        raise ValueError(f"dropout probabilities must be in [0, 1], got {p} and {melody_p}")
     if mask.shape != emb.shape[:2] or (features is not None and features.shape[0] != emb.shape[0]):
         raise ValueError(
             f"batch shapes disagree: emb {tuple(emb.shape)}, mask {tuple(mask.shape)}"
@@ -50,5 +57,7 @@ def drop_conditions(
     emb = torch.where(drop[:, None, None], null_emb, emb)
     mask = torch.where(drop[:, None], null_mask, mask)
     if features is not None:
+        if melody_p > 0:  # drawn only when asked, so runs without it keep their random stream
+            drop = drop | (torch.rand(emb.shape[0], generator=generator, device=rand_device) < melody_p).to(emb.device)
         features = torch.where(drop.to(features.device)[:, None, None], null_chroma_features(features), features)
     return emb, mask, features

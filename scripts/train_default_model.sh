@@ -45,9 +45,10 @@ python train.py codec --data "$WORK/data" --out "$WORK/codec" --device "$DEVICE"
     --max-steps "$CODEC_STEPS" ${CODEC_MINUTES:+--time-limit "$CODEC_MINUTES"} --save-every 500 --eval-every 1000
 
 # 3. LM: MusicGen-Melody-style (chroma and text prefix), medium-cpu preset (d 256 x 6 layers: fast enough on a
-#    2-core CPU), T5 trained with it; 75 % of rows hear the melody track, the rest the mix, 10 % neither.
+#    2-core CPU), T5 trained with it. 10 % of rows drop text and melody (guidance); half of the others drop the
+#    melody alone (text-only rows teach key and tempo words); a kept melody is the hum track 3 times in 4.
 python train.py lm --data "$WORK/data" --out "$WORK/lm" --codec "$WORK/codec" --preset medium-cpu --melody \
-    --melody-track-prob 0.75 --segment-seconds 10 --batch-size "$LM_BATCH" --lr 1.2e-3 --warmup-steps 300 \
+    --melody-track-prob 0.75 --melody-dropout 0.5 --segment-seconds 10 --batch-size "$LM_BATCH" --lr 1.2e-3 --warmup-steps 300 \
     --max-steps "$LM_STEPS" ${LM_MINUTES:+--time-limit "$LM_MINUTES"} --device "$DEVICE" --save-every 500 --eval-every 500
 
 # 3b. Tune the codec's decoder alone (every token stays the same, so the LM stays valid) and put it in the model.

@@ -212,3 +212,24 @@ def test_drop_conditions_replaces_whole_rows():
         drop_conditions(emb, mask, features, 1.5)
     with pytest.raises(ValueError):
         drop_conditions(emb, mask[:3], features, 0.5)
+    with pytest.raises(ValueError):
+        drop_conditions(emb, mask, features, 0.1, melody_p=-0.1)
+
+
+def test_melody_dropout_leaves_text_only_rows():
+    """Melody dropout nulls the melody of some rows that keep their text: the text-only condition a
+    prompt without a hum gives at generation. Rows dropped together stay dropped together."""
+    emb, mask = torch.randn(400, 5, 8), torch.ones(400, 5, dtype=torch.long)
+    features = torch.nn.functional.one_hot(torch.randint(1, 12, (400, 3)), 12).float()
+    out_emb, out_mask, out_features = drop_conditions(emb, mask, features, 0.1, torch.Generator().manual_seed(2), 0.5)
+    text_kept = out_mask.bool().any(1)  # [B]
+    melody_kept = (out_features == features).all(dim=(1, 2))  # [B]
+    melody_null = (out_features == null_chroma_features(features)).all(dim=(1, 2))
+    assert torch.equal(melody_kept, ~melody_null)
+    assert torch.equal(out_emb[text_kept], emb[text_kept]) and not out_emb[~text_kept].any()
+    assert not (melody_kept & ~text_kept).any()  # no melody-only rows: the null text comes with a null melody
+    both, text_only, none = melody_kept.float().mean(), (text_kept & ~melody_kept).float().mean(), (~text_kept).float().mean()
+    assert 0.36 < both < 0.54 and 0.36 < text_only < 0.54 and 0.05 < none < 0.16  # 0.45 / 0.45 / 0.1
+    # without melody dropout the same seed drops the same rows as before (runs resume on the same stream)
+    plain = drop_conditions(emb, mask, features, 0.1, torch.Generator().manual_seed(2))
+    assert torch.equal(plain[1], out_mask)

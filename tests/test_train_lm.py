@@ -179,7 +179,7 @@ def test_loss_scores_only_real_codes_through_the_pattern(tiny_musicgen_dir):
     valid = torch.ones(2, 10, dtype=torch.bool)
     valid[1, 6:] = False  # row 1 ends after 6 frames
     codes[1, :, 6:] = model.lm.cfg.special_token
-    ce_sum, count = net(codes, valid, ["piano", "organ"], torch.tensor([True, True]), None, 0.0, None)
+    ce_sum, count = net(codes, valid, ["piano", "organ"], torch.tensor([True, True]), None, 0.0, 0.0, None)
     assert count.tolist() == [16, 16, 16, 16]
     # reference: the logits predicting code (k, t) are at step index(k, t) - 1, per code
     cond = model.conditions(["piano", "organ"], None, guided=False)

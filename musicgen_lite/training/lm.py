@@ -209,7 +209,7 @@ class Trainer:
         with torch.autocast(dev.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
             module = self.ddp if train else self.net
             return module(batch.codes.to(dev), batch.valid.to(dev), texts, captioned, chroma,
-                          self.cfg.condition_dropout, self.generator if train else None)
+                          self.cfg.condition_dropout, self.cfg.melody_dropout, self.generator if train else None)
 
     def train_step(self) -> tuple[str, Tensor]:
         """One optimizer step on batch `self.step` -> (status, global CE sums and counts [2K]). Status "ok";

@@ -61,6 +61,7 @@ class Config:
     segment_seconds: float = 10.0
     condition_dropout: float = 0.1
     melody_track_prob: float = 0.75  # rows conditioned on the hummed melody track where a file has one
+    melody_dropout: float = 0.5  # of the rows that keep their text, those whose melody is dropped (audiocraft's 0.5)
     caption_augment: bool = True
     precision: str = "auto"
     save_every: int = 500
@@ -119,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --melody: share of rows conditioned on the chroma of a file's hummed melody track "
                         "(metadata \"melody\"), the rest on the chroma of the mix itself "
                         f"(default {c.melody_track_prob:g})")
+    g.add_argument("--melody-dropout", type=float, default=c.melody_dropout,
+                   help="with --melody: probability of dropping a row's melody alone, so the model also learns text "
+                        f"without a melody and has to read key and tempo words (default {c.melody_dropout:g})")
     g.add_argument("--cfg-dropout", dest="condition_dropout", type=float, default=c.condition_dropout, help="probability of replacing a row's "
                    f"text and melody by the null condition (default {c.condition_dropout:g})")
     g.add_argument("--caption-augment", action=argparse.BooleanOptionalAction, default=c.caption_augment,
@@ -156,8 +160,10 @@ def parse_args(argv: list[str] | None) -> Config:
     check_all(positive | {"--max-steps": cfg.max_steps, "--epochs": cfg.epochs, "--lr": cfg.lr,
                           "--time-limit": cfg.time_limit},
               lambda v: v > 0, "must be > 0")
-    if not 0 <= cfg.condition_dropout <= 1 or not 0 <= cfg.melody_track_prob <= 1 or not 0 <= cfg.valid_fraction < 1:
-        raise UsageError("--cfg-dropout and --melody-track-prob must be in [0, 1] and --valid-fraction in [0, 1)")
+    if not all(0 <= v <= 1 for v in (cfg.condition_dropout, cfg.melody_track_prob, cfg.melody_dropout)) \
+            or not 0 <= cfg.valid_fraction < 1:
+        raise UsageError("--cfg-dropout, --melody-dropout and --melody-track-prob must be in [0, 1] "
+                         "and --valid-fraction in [0, 1)")
     if cfg.num_workers < 0 or (cfg.warmup_steps is not None and cfg.warmup_steps < 0) or cfg.weight_decay < 0:
         raise UsageError("--num-workers, --warmup-steps and --weight-decay must be >= 0")
     if cfg.model is not None:

@@ -98,13 +98,13 @@ class TeacherForcing(nn.Module):
         self.batch_like_transformers = model.batch_like_transformers
 
     def forward(self, codes: Tensor, valid: Tensor, texts: list[str], captioned: Tensor, chroma: Tensor | None,
-                condition_dropout: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+                condition_dropout: float, melody_dropout: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         cfg = self.lm.cfg
         emb, mask = self.text(texts)  # [B, L, D], [B, L]
         tokens = mask  # each row's own text length, also where its condition is dropped (as at generation)
         feats = None if chroma is None else F.one_hot(chroma, self.chroma.num_chroma).float()  # [B, C, 12]
-        if generator is not None:  # training: classifier-free guidance dropout of text and melody together
-            emb, mask, feats = drop_conditions(emb, mask, feats, condition_dropout, generator)
+        if generator is not None:  # training: guidance dropout of text and melody together, and of the melody alone
+            emb, mask, feats = drop_conditions(emb, mask, feats, condition_dropout, generator, melody_dropout)
         emb = emb * captioned[:, None, None]  # an uncaptioned row always gets the null text
         mask = mask * captioned[:, None]
         text_tokens = None if self.batch_like_transformers else tokens  # each row at its own positions
