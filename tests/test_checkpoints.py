@@ -98,7 +98,7 @@ def test_the_bundled_model_exports(tmp_path):
     model = load_default_model("fp32")  # the same numbers in fp32: what transformers computes with
     directory = musicgen_lite.export(model, tmp_path / "default")
     assert_transformers_decodes_it(model, directory, PROMPTS[:2])
-    assert model.generation_defaults.cfg_coef == 8.0  # the bundled model's own, carried by the export
+    assert model.generation_defaults.cfg_coef == 14.0  # the bundled model's own, carried by the export
     assert musicgen_lite.load_model(directory).generation_defaults == model.generation_defaults
 
 
