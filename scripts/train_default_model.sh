@@ -11,8 +11,9 @@
 #   DEVICE        cpu, cuda (default: cuda when available)     WORKERS   data processes (default: all cores)
 #   VARIANTS      renderings of each excerpt (default 3)       SOUNDFONT the GM bank the piano is cut from
 #   CODEC_STEPS / CODEC_MINUTES, LM_STEPS / LM_MINUTES         training length (minutes: --time-limit)
+#   TEXT_STEPS    steps of the text stage (default 700)
 #   LM_BATCH      LM segments per step (default 16; 96 on a GPU)
-#   INSTALL=0     keep the result in WORK_DIR/lm instead of installing it as the default model
+#   INSTALL=0     keep the result in WORK_DIR/lm_text instead of installing it as the default model
 set -euo pipefail
 WORK=${1:-work}
 WORKERS=${WORKERS:-$(nproc)}
@@ -57,16 +58,27 @@ python train.py decoder --codec "$WORK/codec" --data "$WORK/data" --out "$WORK/d
 cp "$WORK/decoder/config.json" "$WORK/decoder/model.safetensors" "$WORK/lm/codec/"
 rm -f "$WORK/lm/checksums.sha256"  # the run's manifest named the old decoder; installing writes a new one
 
+# 3c. Text stage: more LM steps with text-only rows (the melody dropped alone in half the rows), the T5 trained
+#     with it. The shipped v2.1 is v2's GPU-trained LM (no melody dropout yet) after 700 such steps on a CPU.
+python train.py lm --data "$WORK/data" --out "$WORK/lm_text" --model "$WORK/lm" --melody --train-text-encoder \
+    --melody-track-prob 0.75 --melody-dropout 0.5 --segment-seconds 10 --batch-size 16 --lr 3e-4 --warmup-steps 50 \
+    --max-steps "${TEXT_STEPS:-700}" --device "$DEVICE" --save-every 100 --eval-every 200
+
 # 4. Measure v2 and v1 on held-out works (pairs: key, tempo, unheard hums, noise; codec: SI-SDR, log-mel vs Opus).
-for model in lm v1; do
+for model in lm_text v1; do
   [ -f "$WORK/$model/config.json" ] || continue
   python -m musicgen_lite.evaluate pairs --model "$WORK/$model" --data "$WORK/data" --split test --out "$WORK/pairs_$model.json"
   python -m musicgen_lite.evaluate codec --model "$WORK/$model" --data "$WORK/data" --split test --out "$WORK/codec_$model.json"
 done
 python -m musicgen_lite.evaluate pairs --compare "$WORK"/pairs_*.json
 
-# 5. Install as the default model, its LM stored (and by default decoded) in fp16.
+# 5. Install as the default model, its LM stored (and by default decoded) in fp16, sampling at guidance 14 (the
+#    validation sweep in docs/MODEL_CARD.md).
 if [ "${INSTALL:-1}" = 1 ]; then
-  python -c "import sys, musicgen_lite; musicgen_lite.load_model(sys.argv[1]).save_pretrained(sys.argv[2], precision='fp16')" \
-      "$WORK/lm" musicgen_lite/assets/default_model
+  python - "$WORK/lm_text" musicgen_lite/assets/default_model <<'PY'
+import dataclasses, sys, musicgen_lite
+model = musicgen_lite.load_model(sys.argv[1])
+model.generation_defaults = dataclasses.replace(model.generation_defaults, cfg_coef=14.0)
+model.save_pretrained(sys.argv[2], precision="fp16")
+PY
 fi
