@@ -1,11 +1,11 @@
 """Measure a MusicGen model: codec fidelity, LM cross-entropy, melody adherence and text adherence.
 
-    python -m musicgen_lite.evaluate {codec,lm,melody,text,all} --model MODEL_DIR --data DATA_DIR \\
+    python -m musicgen_lite.evaluate {codec,lm,melody,text,words,all} --model MODEL_DIR --data DATA_DIR \\
         [--split test] [--out report.json] [--max-files N] [--seconds S] [--prompts P] [--seed SEED]
 
 prints one table and writes the same numbers (with per-file / per-prompt detail) as JSON. `--data`
 is a folder laid out like `python -m musicgen_lite.data.scores` writes it (audio files and a
-metadata.jsonl with "path", "text", "split"); only the codec and LM sections read it. Every number
+metadata.jsonl with "path", "text", "split"); only the codec, LM and words sections read it. Every number
 is reproducible: excerpts are fixed, hums and generations are seeded from `--seed`.
 
 What each section measures (the metric functions in `signal` and `music` define every quantity precisely):
@@ -27,6 +27,11 @@ melody  Hums of `random_melody` tunes (`musicgen_lite.hum`) condition generation
 text    Prompts that differ only in "<tonic> major" / "<tonic> minor": the output's mode by
         `estimate_mode` must match the prompt's (goal: 75 %); prompts that differ only in "allegro"
         / "adagio": the ratio of mean `onset_rate`s (goal: at least 1.2).
+words   Teacher-forced, no sampling: on the first 2 s of each excerpt, with the melody nulled, the
+        LM's cross-entropy with the caption as rendered against the caption with its tonic moved a
+        tritone, its mode swapped, or its tempo word and BPM moved to the other end (dCE > 0: the
+        model reads those words); and the drop that the excerpt's own chroma as the melody gives
+        (what pitch is worth there). See `musicgen_lite.evaluate.words`.
 
 pairs   Controlled prompt pairs (key, tempo), hums of new tunes by an unheard voice and a noise
         measure, each beside its ceiling on real held-out renderings: see `musicgen_lite.evaluate.pairs`
@@ -34,11 +39,12 @@ pairs   Controlled prompt pairs (key, tempo), hums of new tunes by an unheard vo
 
 The JSON report holds the run's settings ("sections", "split", "seconds", "seed", and "model", "data",
 "max_files", "skipped_silent" where they apply) and one object per section run: "codec", "lm",
-"melody", "text", each with its means, its goals and "goal_met", and the per-file or per-prompt rows.
+"melody", "text", "words", each with its means, its goals and "goal_met", and the per-file or per-prompt rows.
 
     signal     waveform metrics: SI-SDR, log-mel distance, Opus round trips
     music      chroma cosine, key and mode, onset rate
     sections   the four measurements on a model
+    words      the teacher-forced probe of key, mode and tempo words
     report     running sections, the printed table
     pairs      the controlled-pair evaluation, its ceilings and tables
     voice      the unheard singer of pairs' hums

@@ -1,6 +1,6 @@
 """`python -m musicgen_lite.evaluate`: measure a model and print (and optionally write) the report.
 
-    python -m musicgen_lite.evaluate {codec,lm,melody,text,all} ...   the sections (report.py)
+    python -m musicgen_lite.evaluate {codec,lm,melody,text,words,all} ...   the sections (report.py)
     python -m musicgen_lite.evaluate pairs ...                         controlled pairs (pairs.py)
 """
 
@@ -32,12 +32,13 @@ def _positive(kind: type):
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m musicgen_lite.evaluate",
-                description="Measure codec fidelity, LM cross-entropy, melody and text adherence of a model.",
+                description="Measure codec fidelity, LM cross-entropy, melody and text adherence of a model, and "
+                            "whether its LM reads key, mode and tempo words (words: teacher-forced, no sampling).",
                 epilog="`python -m musicgen_lite.evaluate pairs --help`: controlled prompt pairs, unheard hums "
                        "and a noise measure, beside real renderings.")
     p.add_argument("section", choices=(*SECTIONS, "all"))
     p.add_argument("--model", required=True, help="model directory (ours or a transformers MusicGen checkpoint)")
-    p.add_argument("--data", type=Path, help="data folder (audio + metadata.jsonl); needed by codec and lm")
+    p.add_argument("--data", type=Path, help="data folder (audio + metadata.jsonl); needed by codec, lm and words")
     p.add_argument("--split", default="test", choices=("train", "valid", "test"), help="held-out split (default test)")
     p.add_argument("--out", type=Path, help="write the report as JSON here")
     p.add_argument("--max-files", type=_positive(int), default=8, help="held-out files to score (default 8)")

@@ -19,14 +19,15 @@ from .sections import (
     evaluate_text,
     split_excerpts,
 )
+from .words import evaluate_words
 
-SECTIONS = ("codec", "lm", "melody", "text")
-DATA_SECTIONS = ("codec", "lm")  # the sections that read --data
+SECTIONS = ("codec", "lm", "melody", "text", "words")
+DATA_SECTIONS = ("codec", "lm", "words")  # the sections that read --data
 
 
 def run_sections(section: str, model: MusicGen, data: Path | None, split: str = "test", max_files: int = 8,
              seconds: float = 10.0, prompts: int = 4, seed: int = 0) -> dict:
-    """Run one section ("codec", "lm", "melody", "text") or "all" and return the report dict."""
+    """Run one section ("codec", "lm", "melody", "text", "words") or "all" and return the report dict."""
     sections = SECTIONS if section == "all" else (section,)
     report: dict = {"sections": list(sections), "split": split, "seconds": seconds, "seed": seed}
     if needs_data(section):
@@ -46,6 +47,8 @@ def run_sections(section: str, model: MusicGen, data: Path | None, split: str = 
         if "lm" in sections:
             train = [] if split == "train" else split_excerpts(files, "train", max_files, seconds, model.sample_rate)[0]
             report["lm"] = evaluate_lm(model, excerpts, train)
+        if "words" in sections:
+            report["words"] = evaluate_words(model, excerpts)
     if "melody" in sections:
         report["melody"] = evaluate_melody(model, prompts, seconds, seed)
     if "text" in sections:
@@ -108,6 +111,16 @@ def table_rows(report: dict) -> list[tuple[str, str, str, str, str, str]]:
              f">= {GOAL_TEMPO_RATIO}",
              _status(t["goal_met"]["tempo_ratio"])),
         ]
+    if "words" in report:
+        w = report["words"]
+        for group, what in (("tonic", "tonic moved a tritone"), ("mode", "mode swapped"), ("tempo", "tempo moved"),
+                            ("pitch", "own chroma as melody")):
+            r = w[group]
+            if r is None and group == "pitch":
+                continue  # not a melody model
+            value = "no caption names it" if r is None else f"{r['mean_dce_nats']:+.4f}"
+            ref = "" if r is None else f"truth preferred {r['truth_preferred']} of {r['excerpts']}"
+            rows.append(("words", f"dCE nats, first {w['seconds']:g} s: {what}", value, ref, "> 0", ""))
     return rows
 
 
