@@ -64,7 +64,8 @@ def evaluate_words(model: MusicGen, excerpts: list[Excerpt], seconds: float = PR
         changes = changed_captions(ex.file.caption or "")
         if not changes:
             continue
-        codes = _codes(model, ex.audio)[None, :, :frames]  # [1, K, T]
+        opening = ex.audio[: round(frames / model.frame_rate * model.sample_rate)]
+        codes = _codes(model, opening)[None, :, :frames]  # [1, K, T]
         longest = max(longest, codes.shape[-1])
         texts = [ex.file.caption, *changes.values()]
         ce = [float(codebook_cross_entropy(model, codes, model.conditions([t], None, guided=False)).double().mean())
@@ -72,7 +73,6 @@ def evaluate_words(model: MusicGen, excerpts: list[Excerpt], seconds: float = PR
         for group, value in zip(changes, ce[1:]):
             deltas[group].append(value - ce[0])
         if model.chroma is not None:  # CE without a melody minus CE with the excerpt's own chroma
-            opening = ex.audio[: round(frames / model.frame_rate * model.sample_rate)]
             own = lm_conditions(model, ex.file.caption, opening)
             deltas["pitch"].append(ce[0] - float(codebook_cross_entropy(model, codes, own).double().mean()))
         scored += 1
