@@ -9,7 +9,8 @@ import soundfile as sf
 import musicgen_lite
 from musicgen_lite import evaluate as ev
 from musicgen_lite.audio_data import scan
-from musicgen_lite.evaluate.words import changed_captions, evaluate_words
+from musicgen_lite.data.scores.augment import tempo_word
+from musicgen_lite.evaluate.words import FAST_END, SLOW_END, changed_captions, evaluate_words
 
 SR = 32000
 
@@ -25,6 +26,8 @@ def test_changed_captions_move_the_tonic_a_tritone_swap_the_mode_and_move_the_te
     assert changed_captions("F# minor, piano")["tonic"] == "C minor, piano"
     assert changed_captions("allegro tempo, piano") == {"tempo": "largo tempo, piano"}
     assert changed_captions("calm piano piece") == {}
+    for word, bpm in (SLOW_END, FAST_END):  # each end is named by the word the data builder gives its BPM
+        assert tempo_word(bpm) == word
 
 
 @pytest.fixture

@@ -455,3 +455,22 @@ def test_tensorboard_gets_losses_perplexities_lr_and_generated_audio(tiny_musicg
     assert sample.step == 2 and sample.sample_rate == 32000
     wav, rate = sf.read(io.BytesIO(sample.encoded_audio_string))
     assert rate == 32000 and len(wav) == 25 * 640  # one 0.5 s segment of 25 frames, decoded
+
+
+def test_melody_dropout_of_one_trains_every_kept_row_on_the_null_melody(tiny_default_like_dir):
+    """--melody-dropout reaches the loss: at 1.0 (and no guidance dropout) every row keeps its text and
+    hears the null melody, exactly the text-only condition; at 0.0 the melody counts."""
+    model = musicgen_lite.load_model(tiny_default_like_dir, precision="fp32")
+    net = lm_model.TeacherForcing(model)
+    k, card, c = model.lm.cfg.num_codebooks, model.codec.codebook_size, model.chroma.chroma_length
+    g = torch.Generator().manual_seed(0)
+    codes, valid = torch.randint(0, card, (2, k, 12), generator=g), torch.ones(2, 12, dtype=torch.bool)
+    chroma, null = torch.randint(1, 12, (2, c), generator=g), torch.zeros(2, c, dtype=torch.long)  # bin 0 = null
+    texts, captioned = ["piano, C major", "piano, adagio"], torch.tensor([True, True])
+
+    def loss(chroma, melody_dropout):
+        ce_sum, count = net(codes, valid, texts, captioned, chroma, 0.0, melody_dropout, torch.Generator().manual_seed(1))
+        return ce_sum / count
+
+    torch.testing.assert_close(loss(chroma, 1.0), loss(null, 0.0))
+    assert not torch.allclose(loss(chroma, 0.0), loss(null, 0.0))

@@ -8,10 +8,11 @@ prompt without a hum gives): with its caption as rendered, and with one word gro
     tempo   "adagio, 66 bpm" -> "presto, 184 bpm" (slow words to the fast end, fast words to the slow end)
 
 over the opening `seconds` of the excerpt, where the codes so far say least and a caption's words
-matter most. For melody models, "pitch" scores the same opening with the excerpt's own chromagram as
-the melody: what the whole pitch content is worth to the LM there, the most a key word could be. dCE = CE(changed) - CE(as rendered), nats per code, averaged over codebooks: a model that
-reads the words scores the truth lower (dCE > 0, truth preferred in most excerpts); one that ignores
-them scores dCE ~ 0 and prefers the truth about half the time. Chance-level pairs generation
+matter most. dCE = CE(changed) - CE(as rendered), nats per code, averaged over codebooks: a model
+that reads the words scores the truth lower (dCE > 0, truth preferred in most excerpts); one that
+ignores them scores dCE ~ 0 and prefers the truth about half the time. For melody models, "pitch"
+scores the same opening with the excerpt's own chromagram as the melody: what the whole pitch
+content is worth to the LM there, the most a key word could be. Chance-level pairs generation
 (`evaluate pairs`) says *that* words are not followed; this says whether the LM learnt them at all,
 in seconds instead of minutes.
 """
@@ -23,16 +24,17 @@ import re
 import numpy as np
 import torch
 
+from ..data.scores.augment import TEMPO_WORDS
 from ..data.scores.captions import tonic_pitch_class
 from ..model import MusicGen
 from .music import PITCH_CLASSES
 from .pairs import KEY_NAME
 from .sections import Excerpt, _codes, codebook_cross_entropy, lm_conditions
 
-SLOW_WORDS = ("largo", "adagio", "andante")
-FAST_WORDS = ("moderato", "allegro", "presto")
-SLOW_END, FAST_END = ("largo", 50), ("presto", 184)  # (word, quarter notes per minute) a tempo moves to
-TEMPO_WORD = re.compile(r"\b(" + "|".join(SLOW_WORDS + FAST_WORDS) + r")\b")
+WORDS = tuple(word for word, _ in TEMPO_WORDS)  # the data builder's tempo words, slowest first
+SLOW_WORDS = WORDS[: len(WORDS) // 2]
+SLOW_END, FAST_END = (WORDS[0], 50), (WORDS[-1], 184)  # (word, quarter notes per minute) a tempo moves to
+TEMPO_WORD = re.compile(r"\b(" + "|".join(WORDS) + r")\b")
 BPM = re.compile(r"\b\d+(?:\.\d+)? bpm\b")
 PROBE_SECONDS = 2.0
 
