@@ -35,7 +35,7 @@ from .lm import PRECISIONS, RENAMED_KEYS, LMConfig, TransformerLM
 from .model import FORMAT, SAVED_PRECISIONS, MusicGen
 from .quiet import transformers_silenced
 from .threads import intra_op_threads
-from .weight_files import SafetensorsFile, WeightFiles
+from .weight_files import SafetensorsFile, WeightFiles, release
 
 HF_MODEL_TYPES = ("musicgen", "musicgen_melody")
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
@@ -274,11 +274,13 @@ def _hf_module(model_class, config_class, config: dict, section: str, weights: W
         sub_config = config_class.from_dict(config[section])
     except (TypeError, ValueError, StrictDataclassError) as e:
         raise ValueError(f"{where}: the {section} sub-config is invalid: {_one_line(e)}") from None
-    state = weights.state_dict(f"{section}.")
+    state = weights.state_dict(f"{section}.", copy=False)  # the model adopts views of the mapped file
     try:
         model = model_class.from_pretrained(None, config=sub_config, state_dict=state, dtype=torch.float32)
     except (TypeError, ValueError, ZeroDivisionError) as e:
         raise ValueError(f"{where}: the {section} sub-config does not build a {model_class.__name__}: {_first_line(e)}") from None
+    for tensor in state.values():  # what the set-up read (EnCodec's weight norms) is read again when used
+        release(tensor)
     return model.eval()
 
 

@@ -52,8 +52,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .one_step import step_one
-from .packing import PackedLinear, linear, pack
+from .packing import PackedLinear, linear, pack, packed_weight, trim_heap
 from .rows import pack_rows, padded_keys, padded_to_blocks, row_invariant_attention
+from .weight_files import release
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -164,7 +165,7 @@ class KVCache:
         self.cross_bias: Tensor | None = None  # [attending, 1, 1, L] additive mask
         self.attending = rows
         self.packed: dict[nn.Module, Tensor] = {}  # Linear -> its weight in oneDNN's layout
-        self.embed_table: Tensor | None = None  # [K * (codebook_size + 1), D] the K embedding tables, stacked
+        self.embed_table: Tensor | None = None  # [K * (codebook_size + 1), D] a small model's K embedding tables, stacked
 
 
 class SelfAttention(nn.Module):
@@ -305,14 +306,20 @@ class TransformerLM(nn.Module):
             return self
         if self.precision != "fp32":
             raise ValueError(f"this LM is already {self.precision}; convert an fp32 model instead")
-        if precision == "bf16":
-            self.to(torch.bfloat16)
+        # each fp32 weight once converted: where it views a mapped checkpoint, its pages go back (`release`)
+        if precision == "bf16":  # the LM has no buffers, so this is `self.to(torch.bfloat16)`, one weight at a time
+            for param in self.parameters():
+                weight = param.data
+                param.data = weight.to(torch.bfloat16)
+                release(weight)
         else:
             if self.device.type != "cpu":
                 raise ValueError(f"{precision} weights use fbgemm, a CPU backend; the LM is on {self.device}")
             linears = [(m, name, c) for m in self.modules() for name, c in m.named_children() if isinstance(c, nn.Linear)]
             for module, name, child in linears:
-                setattr(module, name, PackedLinear(child.weight, precision))
+                weight = child.weight.data
+                setattr(module, name, PackedLinear(weight, precision))
+                release(weight)
         self.precision = precision
         return self
 
@@ -402,7 +409,8 @@ class TransformerLM(nn.Module):
                 padded = [padded_to_blocks(k, v, cache.cross_bias) for k, v in cache.cross]
                 cache.cross, cache.cross_bias = [(k, v) for k, v, _ in padded], padded[0][2]
         cache.packed = self._packed_weights(rows)
-        cache.embed_table = torch.cat([e.weight for e in self.embed]).detach()
+        if step_weight_bytes(self.cfg) < SMALL_STEP_BYTES:  # one lookup a step; a large model's rows are read in place
+            cache.embed_table = torch.cat([e.weight for e in self.embed]).detach()
         return cache
 
     def _packed_weights(self, rows: int) -> dict[nn.Module, Tensor]:
@@ -411,9 +419,12 @@ class TransformerLM(nn.Module):
         supported = {torch.float32: True, torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported()}
         if self.device.type != "cpu" or not torch.backends.mkldnn.is_available() or not supported.get(self.dtype):
             return {}
-        return {
-            m: pack(m, rows) for n, m in self.named_modules() if isinstance(m, nn.Linear) and not n.endswith("cross_attn.kv")
-        }
+        linears = [m for n, m in self.named_modules() if isinstance(m, nn.Linear) and not n.endswith("cross_attn.kv")]
+        fresh = any(packed_weight(m) is None for m in linears)
+        packed = {m: pack(m, rows) for m in linears}
+        if fresh:
+            trim_heap()
+        return packed
 
     def step(self, tokens: Tensor, cache: KVCache, conditions: LMConditions | None = None) -> Tensor:
         """Feed new steps [N, K, T] (T >= 1) through the cache; returns the logits of the last step,

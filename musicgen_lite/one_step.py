@@ -3,7 +3,7 @@
 `TransformerLM.step` hands its one-token calls here. The arithmetic is the layers' forward, operation for
 operation (so the numbers are the same), without module calls, reshapes and a per-codebook loop: a
 single position needs no head transposes ([N, H, 1, hd] is [N, D]) and the K embeddings are one lookup
-in their stacked table. Packed prefix rows (`KVCache.lag`) each write and attend at their own position,
+in their stacked table (a small model's; a large one reads its K tables in place, no copy). Packed prefix rows (`KVCache.lag`) each write and attend at their own position,
 and independent rows cross-attend through `rows.row_invariant_attention`, as in the layers' forward.
 """
 
@@ -26,8 +26,11 @@ def step_one(lm: TransformerLM, tokens: Tensor, cache: KVCache) -> Tensor:
     """`TransformerLM.step` for one new token per row [N, K] after a filled cache -> [N, K, codebook_size] logits."""
     cfg = lm.cfg
     n, d, heads, eps = tokens.shape[0], cfg.dim, cfg.num_heads, cfg.norm_eps
-    offsets = torch.arange(cfg.num_codebooks, device=tokens.device) * (cfg.codebook_size + 1)
-    x = F.embedding(tokens + offsets, cache.embed_table).sum(1)  # [N, D]: e_0 + e_1 + ... in order
+    if cache.embed_table is not None:
+        offsets = torch.arange(cfg.num_codebooks, device=tokens.device) * (cfg.codebook_size + 1)
+        x = F.embedding(tokens + offsets, cache.embed_table).sum(1)  # [N, D]: e_0 + e_1 + ... in order
+    else:  # the same sum, each table read where it lies (no stacked copy of a large model's tables)
+        x = torch.stack([F.embedding(tokens[:, k], e.weight) for k, e in enumerate(lm.embed)], 1).sum(1)
     pos, end, rows, bias = cache.length, cache.length + 1, torch.arange(n, device=x.device), None
     if cache.lag is None:
         x = x + lm.positions(pos, 1, x)[0]

@@ -4,9 +4,12 @@ A safetensors file is an 8-byte little-endian header length, a JSON header
 `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}` and the tensors'
 bytes. `SafetensorsFile` maps the file and checks the whole header against the file's size before
 anything is read, so a truncated, emptied or garbled file is refused with one line naming it.
-`read_into` copies one tensor straight into its destination (a slice of a fused weight, say),
-converting the dtype on the way, and then lets the kernel drop the pages it read: loading holds one
-copy of the weights, not the file's pages beside them.
+`view` hands out a tensor as it lies in the mapping, with no copy: its pages are read at first use
+and stay clean file pages, which the kernel can drop and read again (a model that is loaded but not
+used yet holds next to nothing, as with transformers). `read_into` copies one tensor straight into
+its destination instead (another dtype, say), and then lets the kernel drop the pages it read; a view
+that has been copied into another form (a fused or packed weight) gives its pages back with `release`.
+The mapping is private copy-on-write: a weight changed in place (fine-tuning) never reaches the file.
 
 `WeightFiles` is a checkpoint directory's weights: `model.safetensors`, or the shards listed by
 `model.safetensors.index.json`, as one name -> tensor mapping.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import mmap
 import struct
+import weakref
 from pathlib import Path
 
 import torch
@@ -30,6 +34,7 @@ DTYPES = {
     "BOOL": torch.bool,
 }
 MAX_HEADER_BYTES = 100_000_000  # the format's own limit
+_MAPPINGS: list[tuple[int, int, weakref.ref]] = []  # (address, bytes, the mmap) of each file views were taken from
 
 
 class CorruptFile(ValueError):
@@ -56,11 +61,24 @@ class SafetensorsFile:
             end = max((e[2][1] for e in self.entries.values()), default=0)
             if self.start + end != size:
                 raise CorruptFile(self.path, f"the header describes {self.start + end} bytes, the file has {size}")
-            # a private, copy-on-write mapping: writable for torch.frombuffer, never written
+            # a private, copy-on-write mapping: writable for torch.frombuffer, never written back
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if end else None
+            self._viewed = False  # whether views share the mapping (then its pages are theirs to release)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
+
+    def view(self, name: str) -> Tensor:
+        """Tensor `name` in the file's dtype, sharing the mapping's memory (nothing is read until it is used)."""
+        dtype, shape, (begin, end) = self.entries[name]
+        if begin == end:
+            return torch.empty(shape, dtype=dtype)
+        flat = torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=self.start + begin)
+        if not self._viewed:
+            self._viewed = True
+            _MAPPINGS[:] = [m for m in _MAPPINGS if m[2]() is not None]
+            _MAPPINGS.append((flat.data_ptr() - self.start - begin, len(self._map), weakref.ref(self._map)))
+        return flat.view(shape)
 
     def read_into(self, name: str, out: Tensor) -> None:
         """Copy tensor `name` into `out` (same shape; any dtype), then release the pages it was read from."""
@@ -73,7 +91,7 @@ class SafetensorsFile:
         source = torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // itemsize, offset=self.start + begin)
         with torch.no_grad():
             out.copy_(source.view(shape))
-        if hasattr(mmap, "MADV_DONTNEED"):  # the pages read are clean: dropping them costs nothing
+        if hasattr(mmap, "MADV_DONTNEED") and not self._viewed:  # clean pages, no view reads them: dropping them is free
             page = mmap.PAGESIZE
             first, last = (self.start + begin) // page * page, -(-(self.start + end) // page) * page
             self._map.madvise(mmap.MADV_DONTNEED, first, min(last, len(self._map)) - first)
@@ -86,9 +104,28 @@ class SafetensorsFile:
         return out
 
     def close(self) -> None:
-        if self._map is not None:
+        """Unmap the file, or, while views of it are in use, leave that to the last of them."""
+        if self._map is not None and not self._viewed:
             self._map.close()
-            self._map = None
+        self._map = None  # views keep the mmap object alive; it is unmapped when the last one is freed
+
+
+def release(tensor: Tensor) -> None:
+    """Let the kernel drop the pages under `tensor` if it views a mapped checkpoint: for a weight that has
+    just been copied into another form and is being dropped. Only pages wholly inside it are dropped, so
+    no neighbouring tensor loses a change made in place; anything else is left alone."""
+    if not hasattr(mmap, "MADV_DONTNEED") or tensor.numel() == 0:
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    for address, size, mapping in _MAPPINGS:
+        m = mapping()
+        if m is not None and not m.closed and address <= start and end <= address + size:
+            page = mmap.PAGESIZE
+            first, last = -(-(start - address) // page) * page, (end - address) // page * page
+            if last > first:
+                m.madvise(mmap.MADV_DONTNEED, first, last - first)
+            return
 
 
 def _parse_header(path: Path, raw: bytes) -> dict[str, tuple[torch.dtype, tuple[int, ...], tuple[int, int]]]:
@@ -168,15 +205,23 @@ class WeightFiles:
     def tensor(self, name: str) -> Tensor:
         return self._file(name).tensor(name)
 
-    def state_dict(self, prefix: str) -> dict[str, Tensor]:
-        """Every tensor whose name starts with `prefix`, the prefix stripped."""
-        return {name[len(prefix):]: self.tensor(name) for name in self._where if name.startswith(prefix)}
+    def view(self, name: str) -> Tensor:
+        return self._file(name).view(name)
+
+    def state_dict(self, prefix: str, copy: bool = True) -> dict[str, Tensor]:
+        """Every tensor whose name starts with `prefix`, the prefix stripped: fresh tensors, or with
+        `copy=False` views of the mapped files (for a model that adopts them as its weights)."""
+        take = self.tensor if copy else self.view
+        return {name[len(prefix):]: take(name) for name in self._where if name.startswith(prefix)}
 
     def fill(self, module: nn.Module, sources: dict[str, list[str]]) -> None:
         """Give every parameter and buffer of `module` its values: `sources[name]` lists the tensors that,
         concatenated along the first dimension, make it (q/k/v into one fused weight, say). A module built
-        on the meta device gets its storage here, uninitialised, and is filled in place."""
-        if any(t.is_meta for t in module.state_dict().values()):
+        on the meta device adopts the file's tensors where their dtype is its own: a weight made of one
+        tensor becomes a view of the mapping, a Linear weight made of several is stacked at its first use
+        (`packing.defer`); the rest is copied into storage made here."""
+        built_empty = any(t.is_meta for t in module.state_dict().values())
+        if built_empty:
             module.to_empty(device="cpu")
             stray = [  # what a module built on meta holds outside its state_dict would stay meta, or garbage
                 f"{prefix}.{name}".lstrip(".")
@@ -192,6 +237,17 @@ class WeightFiles:
             if sum(rows) != (target.shape[0] if target.dim() else 1):
                 shapes = ", ".join(f"{p} {list(self.shape(p))}" for p in parts)
                 raise ValueError(f"{self.directory}: {shapes} cannot make {name} of shape {list(target.shape)}")
+            from .packing import defer  # packing reads this module's `release`
+
+            owner, _, attr = name.rpartition(".")
+            linear = module.get_submodule(owner) if owner else module
+            if built_empty and all(self._file(p).entries[p][0] == target.dtype for p in parts):
+                if len(parts) == 1 and self.shape(parts[0]) == tuple(target.shape):
+                    target.data = self.view(parts[0])
+                    continue
+                if isinstance(linear, nn.Linear) and attr == "weight" and all(len(self.shape(p)) == 2 for p in parts):
+                    defer(linear, [self.view(p) for p in parts])
+                    continue
             offset = 0
             for part, n in zip(parts, rows):
                 self.read_into(part, target.data[offset : offset + n] if len(parts) > 1 else target.data)

@@ -4,7 +4,9 @@ trained here, decode in transformers exactly as they do in musicgen_lite."""
 
 from __future__ import annotations
 
+import copy
 import json
+import mmap
 import shutil
 import subprocess
 import sys
@@ -20,8 +22,8 @@ import musicgen_lite
 from hum import synth_hum
 from musicgen_lite.training import lm as train_lm
 from musicgen_lite.checkpoints import load_default_model
-from musicgen_lite.weight_files import SafetensorsFile
-from tiny_models import hf_greedy_tokens, load_hf
+from musicgen_lite.weight_files import SafetensorsFile, WeightFiles, release
+from tiny_models import build_tiny_musicgen, hf_greedy_tokens, load_hf
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["mozart sonata allegro in a bright major key with fast runs", "sad adagio", "bach chorale, organ"]
@@ -183,6 +185,60 @@ def test_weights_are_read_in_any_float_dtype(tmp_path):
     out = torch.empty(5, 3)
     SafetensorsFile(tmp_path / "w.safetensors").read_into("w", out)
     assert torch.equal(out, half.float())
+
+
+def test_views_of_a_mapped_file_keep_in_place_changes_to_themselves(tmp_path):
+    """A weight changed in place (fine-tuning) never reaches the file, and releasing the pages of a
+    neighbour that was copied elsewhere does not undo it."""
+    n = mmap.PAGESIZE  # floats: 4 pages each; the first shares a page with the header, the last with `b`
+    a, b = torch.arange(float(n)), -torch.arange(float(n))
+    save_file({"a": a, "b": b}, tmp_path / "model.safetensors")
+    before = (tmp_path / "model.safetensors").read_bytes()
+    with WeightFiles(tmp_path) as weights:
+        va, vb = weights.view("a"), weights.view("b")
+    assert torch.equal(va, a) and torch.equal(vb, b)  # the views outlive the closed WeightFiles
+    va += 1
+    vb += 1
+    release(va)  # as when `a` has been packed: its own pages go, and come back from the file when read
+    assert va[n // 2] == a[n // 2]  # a page wholly inside `a` is read again from the file
+    assert va[0] == a[0] + 1 and va[-1] == a[-1] + 1  # the pages it shares are kept
+    assert torch.equal(vb, b + 1)
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+
+
+def test_a_fused_weight_waits_in_the_file_and_reads_the_same_everywhere(tiny_musicgen_dir):
+    model = musicgen_lite.load_model(tiny_musicgen_dir)
+    qkv = model.lm.layers[0].self_attn.qkv
+    assert dict.__getitem__(qkv._parameters, "weight").numel() == 0  # q, k and v not read yet
+    with WeightFiles(tiny_musicgen_dir) as weights:
+        parts = [weights.tensor(f"decoder.model.decoder.layers.0.self_attn.{p}_proj.weight") for p in "qkv"]
+    clone = copy.deepcopy(model.lm)
+    assert torch.equal(clone.layers[0].self_attn.qkv.weight, torch.cat(parts))
+    assert torch.equal(model.lm.state_dict()["layers.0.self_attn.qkv.weight"], torch.cat(parts))
+
+
+def test_loading_a_checkpoint_maps_it_and_generating_holds_one_copy(tiny_musicgen_dir, tmp_path):
+    """load_model copies no weight of a transformers checkpoint (its pages are read at first use, as
+    transformers does); generating packs the step weights and gives the mapped pages back."""
+    directory = build_tiny_musicgen(tmp_path / "m", hidden_size=512, num_layers=10, codebook_size=64)
+    lm_bytes = sum(e[2][1] - e[2][0] for name, e in SafetensorsFile(directory / "model.safetensors").entries.items()
+                   if name.startswith("decoder."))
+    code = (
+        "import json, musicgen_lite\n"
+        "def kb(field):\n"
+        "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(field + ':'))\n"
+        f"musicgen_lite.generate('x', duration=0.2, model=musicgen_lite.load_model({str(tiny_musicgen_dir)!r}))\n"
+        "anon, rss = kb('RssAnon'), kb('VmRSS')  # after a first generation's imports and set-up\n"
+        f"model = musicgen_lite.load_model({str(directory)!r})\n"
+        "loaded = kb('RssAnon') - anon\n"
+        "musicgen_lite.generate('x', duration=0.2, model=model, top_k=1)\n"
+        "print(json.dumps({'loaded': loaded * 1024, 'generated': (kb('VmRSS') - rss) * 1024}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    grown = json.loads(out.strip().splitlines()[-1])
+    assert lm_bytes > musicgen_lite.lm.SMALL_STEP_BYTES  # a large model's decoding path
+    assert grown["loaded"] < 0.1 * lm_bytes  # a copied LM: 1.0
+    assert grown["generated"] < 1.3 * lm_bytes  # the packed weights beside the pages they came from: 2.0
 
 
 @pytest.mark.slow

@@ -30,6 +30,14 @@ def test_musicgen_greedy_tokens_equal_transformers_on_a_padded_batch(tiny_musicg
     np.testing.assert_array_equal(result.tokens, expected.numpy())
 
 
+def test_a_large_models_step_reads_its_embedding_tables_in_place_with_the_same_tokens(tiny_musicgen_dir, musicgen, monkeypatch):
+    """Above SMALL_STEP_BYTES of step weights the K tables are looked up where they lie, not stacked."""
+    monkeypatch.setattr(musicgen_lite.lm, "SMALL_STEP_BYTES", 0)
+    frames = 24
+    result = musicgen_lite.generate(CAPTIONS, duration=frames / 50, model=musicgen, top_k=1, cfg_coef=3.0)
+    np.testing.assert_array_equal(result.tokens, hf_greedy_tokens(tiny_musicgen_dir, CAPTIONS, frames, guidance_scale=3.0).numpy())
+
+
 def test_padding_does_not_change_a_prompt(musicgen):
     """A short caption batched with a long one decodes as it does alone (padding is masked)."""
     alone = musicgen_lite.generate(CAPTIONS[1], duration=0.3, model=musicgen, top_k=1)
