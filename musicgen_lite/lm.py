@@ -419,11 +419,13 @@ class TransformerLM(nn.Module):
         supported = {torch.float32: True, torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported()}
         if self.device.type != "cpu" or not torch.backends.mkldnn.is_available() or not supported.get(self.dtype):
             return {}
-        linears = [m for n, m in self.named_modules() if isinstance(m, nn.Linear) and not n.endswith("cross_attn.kv")]
-        fresh = any(packed_weight(m) is None for m in linears)
-        packed = {m: pack(m, rows) for m in linears}
-        if fresh:
-            trim_heap()
+        packed = {}
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear) and not name.endswith("cross_attn.kv"):
+                fresh = packed_weight(m) is None
+                packed[m] = pack(m, rows)
+                if fresh:  # the heap's freed temporaries go back at once: held until the end, they add up
+                    trim_heap()
         return packed
 
     def step(self, tokens: Tensor, cache: KVCache, conditions: LMConditions | None = None) -> Tensor:
