@@ -91,7 +91,9 @@ class SafetensorsFile:
         source = torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // itemsize, offset=self.start + begin)
         with torch.no_grad():
             out.copy_(source.view(shape))
-        if hasattr(mmap, "MADV_DONTNEED") and not self._viewed:  # clean pages, no view reads them: dropping them is free
+        if self._viewed:  # views share the mapping: only the pages wholly inside this tensor go
+            release(source)
+        elif hasattr(mmap, "MADV_DONTNEED"):  # clean pages no view reads: dropping them is free
             page = mmap.PAGESIZE
             first, last = (self.start + begin) // page * page, -(-(self.start + end) // page) * page
             self._map.madvise(mmap.MADV_DONTNEED, first, min(last, len(self._map)) - first)
