@@ -217,6 +217,7 @@ def test_a_fused_weight_waits_in_the_file_and_reads_the_same_everywhere(tiny_mus
     assert torch.equal(model.lm.state_dict()["layers.0.self_attn.qkv.weight"], torch.cat(parts))
 
 
+@pytest.mark.slow
 def test_loading_a_checkpoint_maps_it_and_generating_holds_one_copy(tiny_musicgen_dir, tmp_path):
     """load_model copies no weight of a transformers checkpoint (its pages are read at first use, as
     transformers does); generating packs the step weights and gives the mapped pages back."""
