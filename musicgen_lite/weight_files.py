@@ -222,6 +222,8 @@ class WeightFiles:
         on the meta device adopts the file's tensors where their dtype is its own: a weight made of one
         tensor becomes a view of the mapping, a Linear weight made of several is stacked at its first use
         (`packing.defer`); the rest is copied into storage made here."""
+        from .packing import defer  # here: packing imports this module's `release`
+
         built_empty = any(t.is_meta for t in module.state_dict().values())
         if built_empty:
             module.to_empty(device="cpu")
@@ -239,8 +241,6 @@ class WeightFiles:
             if sum(rows) != (target.shape[0] if target.dim() else 1):
                 shapes = ", ".join(f"{p} {list(self.shape(p))}" for p in parts)
                 raise ValueError(f"{self.directory}: {shapes} cannot make {name} of shape {list(target.shape)}")
-            from .packing import defer  # packing reads this module's `release`
-
             owner, _, attr = name.rpartition(".")
             linear = module.get_submodule(owner) if owner else module
             if built_empty and all(self._file(p).entries[p][0] == target.dtype for p in parts):
