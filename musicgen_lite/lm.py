@@ -272,6 +272,12 @@ def step_weight_bytes(cfg: LMConfig) -> int:
     return 4 * (cfg.num_layers * layer + 2 * cfg.num_codebooks * (cfg.codebook_size + 1) * cfg.dim)
 
 
+def overhead_bound(cfg: LMConfig) -> bool:
+    """Whether a decoding step is bound by per-operation overhead rather than by reading its weights:
+    then fewer operations pay (one stacked embedding lookup), and one thread may beat several."""
+    return step_weight_bytes(cfg) < SMALL_STEP_BYTES
+
+
 class TransformerLM(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
@@ -391,7 +397,7 @@ class TransformerLM(nn.Module):
         if self.decode_threads is not None:
             return (self.decode_threads,)
         everything = torch.get_num_threads()
-        if step_weight_bytes(self.cfg) >= SMALL_STEP_BYTES:
+        if not overhead_bound(self.cfg):
             return (everything,)
         return (1, everything) if independent_rows else (1,)
 
@@ -409,7 +415,7 @@ class TransformerLM(nn.Module):
                 padded = [padded_to_blocks(k, v, cache.cross_bias) for k, v in cache.cross]
                 cache.cross, cache.cross_bias = [(k, v) for k, v, _ in padded], padded[0][2]
         cache.packed = self._packed_weights(rows)
-        if step_weight_bytes(self.cfg) < SMALL_STEP_BYTES:  # one lookup a step; a large model's rows are read in place
+        if overhead_bound(self.cfg):  # one lookup a step; a large model's tables are read in place, not copied
             cache.embed_table = torch.cat([e.weight for e in self.embed]).detach()
         return cache
 

@@ -2,9 +2,10 @@
 
 `TransformerLM.step` hands its one-token calls here. The arithmetic is the layers' forward, operation for
 operation (so the numbers are the same), without module calls, reshapes and a per-codebook loop: a
-single position needs no head transposes ([N, H, 1, hd] is [N, D]) and the K embeddings are one lookup
-in their stacked table (a small model's; a large one reads its K tables in place, no copy). Packed prefix rows (`KVCache.lag`) each write and attend at their own position,
-and independent rows cross-attend through `rows.row_invariant_attention`, as in the layers' forward.
+single position needs no head transposes ([N, H, 1, hd] is [N, D]) and a small model's K embeddings are
+one lookup in their stacked table (a large one reads its K tables in place, not copied). Packed prefix
+rows (`KVCache.lag`) each write and attend at their own position, and independent rows cross-attend
+through `rows.row_invariant_attention`, as in the layers' forward.
 """
 
 from __future__ import annotations
