@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from musicgen_lite.training.codec import (
     save_checkpoint,
     train_step,
 )
-from musicgen_lite.training.codec_config import TrainConfig, build_codec
+from musicgen_lite.training.codec_config import LR_FLOOR, TrainConfig, build_codec
 
 SR = 32000
 # A codec small enough to train a few dozen steps in seconds: 0.2 s segments are 10 frames.
@@ -307,6 +308,45 @@ def test_resume_continues_from_the_saved_step_exactly(tmp_path, capsys):
     assert "--filters 4 (now 8)" in capsys.readouterr().err
 
 
+def test_cosine_rate_falls_to_its_floor_at_the_runs_max_steps_and_stays_there():
+    cfg = TrainConfig(data="", out="", filters=4, hidden_size=8, codebook_size=64, segment_seconds=0.2, batch_size=2,
+                      lr_schedule="cosine", max_steps=10, lr=1e-3)  # fmt: skip
+    t = build_trainer(cfg, torch.device("cpu"))
+    rates = []
+    for step in (0, 5, 10, 20):
+        t.step = step
+        rates.append(t.learning_rate())
+    assert rates == pytest.approx([1e-3, 1e-3 * (LR_FLOOR + (1 - LR_FLOOR) / 2), LR_FLOOR * 1e-3, LR_FLOOR * 1e-3])
+    t.step = 5
+    assert train_step(t, 0.1 * torch.randn(2, 1, cfg.segment_samples, generator=gen(0))) is not None
+    assert t.optimizer.param_groups[0]["lr"] == pytest.approx(rates[1])  # the step ran at the schedule's rate
+    constant = build_trainer(TrainConfig(data="", out="", filters=4, hidden_size=8, codebook_size=64, lr=1e-3),
+                             torch.device("cpu"))  # fmt: skip
+    constant.step = 9
+    assert constant.learning_rate() == 1e-3
+
+
+@pytest.mark.slow
+def test_a_cosine_run_resumes_exactly_and_an_extended_one_never_raises_its_rate(tmp_path, capsys):
+    data = write_dataset(tmp_path / "data", corrupt=False)
+    common = ["--data", str(data), *TINY, "--save-every", "3", "--eval-every", "3", "--lr-schedule", "cosine", "--lr", "1e-3"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert main([*common, "--out", str(straight), "--max-steps", "6"]) == 0
+    shutil.copytree(straight, interrupted)
+    (interrupted / "checkpoints" / "step-00000006.pt").unlink()  # as if stopped after step 3's checkpoint
+    capsys.readouterr()
+    assert main([*common, "--out", str(interrupted), "--max-steps", "6"]) == 0
+    assert "resuming from step 3" in capsys.readouterr().out
+    a = read_checkpoint(straight / "checkpoints" / "step-00000006.pt")
+    b = read_checkpoint(interrupted / "checkpoints" / "step-00000006.pt")
+    assert all(torch.equal(value, b["model"][name]) for name, value in a["model"].items())
+    last_rate = 1e-3 * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
+    assert a["optimizer"]["param_groups"][0]["lr"] == pytest.approx(last_rate)
+    assert main([*common, "--out", str(straight), "--max-steps", "8"]) == 0  # extended: on at the floor
+    c = read_checkpoint(straight / "checkpoints" / "step-00000008.pt")
+    assert c["schedule_steps"] == 6 and c["optimizer"]["param_groups"][0]["lr"] == pytest.approx(LR_FLOOR * 1e-3)
+
+
 def test_non_finite_step_is_skipped_without_touching_weights(tmp_path):
     cfg = TrainConfig(data="", out="", filters=4, hidden_size=8, codebook_size=64, segment_seconds=0.2, batch_size=2)
     t = build_trainer(cfg, torch.device("cpu"))
@@ -338,6 +378,7 @@ def test_adversarial_step_trains_codec_and_discriminator(tmp_path):
         (["--quantize-prob", "2"], "--quantize-prob"),
         (["--device", "nonsense"], "--device"),
         (["--ratios", "8,x"], "--ratios"),
+        (["--lr-schedule", "linear"], "--lr-schedule"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):

@@ -39,6 +39,7 @@ it names the file, otherwise by a hash of the file's path.
 
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
 import time
@@ -60,7 +61,7 @@ from ..evaluate.signal import si_sdr
 from ..quiet import transformers_silenced
 from ..run_lock import RunInUse, RunLock
 from .checkpoints import all_finite, restore_latest, rng_state, save_step, set_rng_state
-from .codec_config import ARCHITECTURE, OLD_DEFAULTS, PROG, TrainConfig, _as_tuple, _fmt, build_codec, build_parser
+from .codec_config import ARCHITECTURE, LR_FLOOR, OLD_DEFAULTS, PROG, TrainConfig, _as_tuple, _fmt, build_codec, build_parser
 from .codec_losses import MultiScaleMelLoss, MultiScaleSTFTDiscriminator, discriminator_loss, generator_adversarial_losses
 from .log import RunLog, require_tensorboard
 from .processes import resolve_device
@@ -166,6 +167,15 @@ class Trainer:
     disc_optimizer: torch.optim.Optimizer | None
     generator: torch.Generator  # data sampling and quantization coin flips
     step: int = 0
+    schedule_steps: int = 0  # where a cosine learning rate ends: the max_steps of the run's first invocation
+
+    def learning_rate(self) -> float:
+        """The rate of the coming step: --lr, or its cosine from --lr down to LR_FLOOR x --lr at
+        schedule_steps (then flat), so that a run extended with a larger --max-steps never jumps up."""
+        if self.cfg.lr_schedule == "constant":
+            return self.cfg.lr
+        done = min(self.step, self.schedule_steps) / self.schedule_steps
+        return self.cfg.lr * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * done)))
 
 
 def build_trainer(cfg: TrainConfig, device: torch.device) -> Trainer:
@@ -178,7 +188,7 @@ def build_trainer(cfg: TrainConfig, device: torch.device) -> Trainer:
         disc_optimizer = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
     mel_loss = MultiScaleMelLoss(cfg.sample_rate).to(device)
     generator = torch.Generator().manual_seed(cfg.seed)
-    return Trainer(cfg, model, optimizer, mel_loss, disc, disc_optimizer, generator)
+    return Trainer(cfg, model, optimizer, mel_loss, disc, disc_optimizer, generator, schedule_steps=cfg.max_steps)
 
 
 def grads_finite(params) -> bool:
@@ -218,6 +228,9 @@ def train_step(t: Trainer, wav: Tensor) -> dict[str, float] | None:
         t.optimizer.zero_grad(set_to_none=True)
         return None
 
+    lr = t.learning_rate()
+    for group in t.optimizer.param_groups + (t.disc_optimizer.param_groups if t.disc is not None else []):
+        group["lr"] = lr
     if t.disc is not None:
         disc_loss = discriminator_loss(t.disc(out.recon.detach()), t.disc(wav))
         t.disc_optimizer.zero_grad(set_to_none=True)
@@ -276,6 +289,7 @@ def save_checkpoint(t: Trainer, run: Path) -> Path:
     """Write the training state as step-N.pt, keep the newest few, refresh the exported codec."""
     state = {
         "step": t.step,
+        "schedule_steps": t.schedule_steps,
         "config": asdict(t.cfg),
         "model": t.model.state_dict(),
         "optimizer": t.optimizer.state_dict(),
@@ -339,6 +353,7 @@ def resume(t: Trainer, state: dict) -> None:
         print("note: the checkpoint has no discriminator; a new one starts now", flush=True)
     set_rng_state(state["rng"], t.generator, next(t.model.parameters()).device)
     t.step = state["step"]
+    t.schedule_steps = state.get("schedule_steps", state["config"]["max_steps"])
 
 
 # ----------------------------------------------------------------------------- main

@@ -19,6 +19,8 @@ PROG = "train.py codec"
 # Fields that fix the shapes of the saved weights: a resumed run must keep them.
 ARCHITECTURE = ("sample_rate", "ratios", "filters", "hidden_size", "lstm_layers", "codebooks", "codebook_size", "causal")
 OLD_DEFAULTS = {"causal": True}  # runs saved before a field existed were trained with this value
+LR_SCHEDULES = ("constant", "cosine")
+LR_FLOOR = 0.1  # where the cosine schedule ends, as a fraction of --lr
 
 
 @dataclass
@@ -53,10 +55,11 @@ class TrainConfig:
     disc_filters: int = 32
     # optimisation
     max_steps: int = 10_000
-    time_limit: float | None = None  # minutes of training for this invocation (the learning rate is constant)
+    time_limit: float | None = None  # minutes of training for this invocation (a cosine still ends at max_steps)
     batch_size: int = 8
     segment_seconds: float = 1.0
     lr: float = 3e-4
+    lr_schedule: str = "constant"  # EnCodec's constant rate, or "cosine": down to LR_FLOOR x lr at the run's max_steps
     # bookkeeping
     log_every: int = 50
     eval_every: int = 500
@@ -99,6 +102,8 @@ class TrainConfig:
             raise UsageError(f"--time-limit must be > 0 minutes, got {self.time_limit}")
         if not self.lr > 0:
             raise UsageError(f"--lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UsageError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not self.segment_seconds > 0 or self.segment_samples < max(MEL_FFT_SIZES):
             raise UsageError(
                 f"--segment-seconds {self.segment_seconds} is too short: segments need at least "
@@ -195,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="segments per batch")
     g.add_argument("--segment-seconds", type=float, default=d.segment_seconds, help="segment length (s)")
     g.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (betas 0.5, 0.9)")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
+                   help=f"constant (EnCodec's), or cosine: down to {LR_FLOOR} x --lr at the --max-steps the run "
+                        "started with (a resumed run never raises its rate)")  # fmt: skip
     g.add_argument("--log-every", type=int, default=d.log_every, help="steps between log lines")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between validations")
     g.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints")
