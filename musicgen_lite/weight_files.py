@@ -7,8 +7,8 @@ anything is read, so a truncated, emptied or garbled file is refused with one li
 `view` hands out a tensor as it lies in the mapping, with no copy: its pages are read at first use
 and stay clean file pages, which the kernel can drop and read again (a model that is loaded but not
 used yet holds next to nothing, as with transformers). `read_into` copies one tensor straight into
-its destination instead (another dtype, say), and then lets the kernel drop the pages it read; a view
-that has been copied into another form (a fused or packed weight) gives its pages back with `release`.
+its destination instead (another dtype, say), and then gives back the pages it read (`release`); a view
+that has been copied into another form (a fused or packed weight) gives its pages back the same way.
 The mapping is private copy-on-write: a weight changed in place (fine-tuning) never reaches the file.
 
 `WeightFiles` is a checkpoint directory's weights: `model.safetensors`, or the shards listed by
@@ -63,40 +63,39 @@ class SafetensorsFile:
                 raise CorruptFile(self.path, f"the header describes {self.start + end} bytes, the file has {size}")
             # a private, copy-on-write mapping: writable for torch.frombuffer, never written back
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if end else None
-            self._viewed = False  # whether views share the mapping (then its pages are theirs to release)
+            self._viewed = False  # whether views share the mapping (then the last of them unmaps it)
+        if self._map is not None:  # where `release` finds it
+            _MAPPINGS[:] = [m for m in _MAPPINGS if m[2]() is not None]
+            address = torch.frombuffer(self._map, dtype=torch.uint8, count=1).data_ptr()
+            _MAPPINGS.append((address, len(self._map), weakref.ref(self._map)))
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
+
+    def _flat(self, name: str) -> Tensor:
+        """The bytes of tensor `name` in the mapping, as a flat tensor of its dtype (not empty)."""
+        dtype, _, (begin, end) = self.entries[name]
+        return torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=self.start + begin)
 
     def view(self, name: str) -> Tensor:
         """Tensor `name` in the file's dtype, sharing the mapping's memory (nothing is read until it is used)."""
         dtype, shape, (begin, end) = self.entries[name]
         if begin == end:
             return torch.empty(shape, dtype=dtype)
-        flat = torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=self.start + begin)
-        if not self._viewed:
-            self._viewed = True
-            _MAPPINGS[:] = [m for m in _MAPPINGS if m[2]() is not None]
-            _MAPPINGS.append((flat.data_ptr() - self.start - begin, len(self._map), weakref.ref(self._map)))
-        return flat.view(shape)
+        self._viewed = True
+        return self._flat(name).view(shape)
 
     def read_into(self, name: str, out: Tensor) -> None:
         """Copy tensor `name` into `out` (same shape; any dtype), then release the pages it was read from."""
-        dtype, shape, (begin, end) = self.entries[name]
+        _, shape, (begin, end) = self.entries[name]
         if tuple(out.shape) != shape:
             raise ValueError(f"{self.path}: tensor {name} has shape {list(shape)}, expected {list(out.shape)}")
         if begin == end:
             return
-        itemsize = dtype.itemsize
-        source = torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // itemsize, offset=self.start + begin)
+        source = self._flat(name)
         with torch.no_grad():
             out.copy_(source.view(shape))
-        if self._viewed:  # views share the mapping: only the pages wholly inside this tensor go
-            release(source)
-        elif hasattr(mmap, "MADV_DONTNEED"):  # clean pages no view reads: dropping them is free
-            page = mmap.PAGESIZE
-            first, last = (self.start + begin) // page * page, -(-(self.start + end) // page) * page
-            self._map.madvise(mmap.MADV_DONTNEED, first, min(last, len(self._map)) - first)
+        release(source)
 
     def tensor(self, name: str) -> Tensor:
         """A fresh tensor holding `name`, in the file's dtype."""
@@ -241,12 +240,12 @@ class WeightFiles:
             if sum(rows) != (target.shape[0] if target.dim() else 1):
                 shapes = ", ".join(f"{p} {list(self.shape(p))}" for p in parts)
                 raise ValueError(f"{self.directory}: {shapes} cannot make {name} of shape {list(target.shape)}")
-            owner, _, attr = name.rpartition(".")
-            linear = module.get_submodule(owner) if owner else module
             if built_empty and all(self._file(p).entries[p][0] == target.dtype for p in parts):
                 if len(parts) == 1 and self.shape(parts[0]) == tuple(target.shape):
                     target.data = self.view(parts[0])
                     continue
+                owner, _, attr = name.rpartition(".")
+                linear = module.get_submodule(owner) if owner else module
                 if isinstance(linear, nn.Linear) and attr == "weight" and all(len(self.shape(p)) == 2 for p in parts):
                     defer(linear, [self.view(p) for p in parts])
                     continue
