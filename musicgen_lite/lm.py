@@ -357,6 +357,11 @@ class TransformerLM(nn.Module):
     def forward(self, tokens: Tensor, conditions: LMConditions) -> Tensor:
         """Teacher-forced pass for training: [B, K, S] tokens -> [B, K, S, codebook_size] logits (position s
         predicts step s + 1). For prefix models the prefix positions are dropped from the output."""
+        return self.logits(self.states(tokens, conditions))
+
+    def states(self, tokens: Tensor, conditions: LMConditions) -> Tensor:
+        """The teacher-forced pass up to the heads: [B, K, S] tokens -> [B, S, D] final (normed) states at
+        the tokens' positions, what `logits` reads."""
         x = self.embed_tokens(tokens)
         steps = x.shape[1]
         ends = torch.full((x.shape[0],), steps, device=x.device)  # [B] where each row's tokens end
@@ -371,7 +376,7 @@ class TransformerLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, None, i, cross_kv[i] if cross_kv else None, bias)
         at = ends[:, None] - steps + torch.arange(steps, device=x.device)  # [B, S] the tokens' positions
-        return self._logits(self.norm(x.gather(1, at[..., None].expand(-1, -1, x.shape[-1]))), None)
+        return self.norm(x.gather(1, at[..., None].expand(-1, -1, x.shape[-1])))
 
     def _cross(self, cross: Tensor | None, mask: Tensor | None):
         """Per-layer cross-attention keys/values of [N, L, D] states, and the [N, 1, 1, L] bias."""
@@ -382,7 +387,8 @@ class TransformerLM(nn.Module):
         cross = cross.to(self.dtype)
         return [layer.cross_attn.memory(cross) for layer in self.layers], self.cross_bias(mask, self.dtype)
 
-    def _logits(self, h: Tensor, cache: KVCache | None) -> Tensor:
+    def logits(self, h: Tensor, cache: KVCache | None = None) -> Tensor:
+        """[N, T, D] final states -> [N, K, T, codebook_size] logits of every codebook."""
         n, t, _ = h.shape
         return linear(self.heads, h, cache).view(n, t, self.cfg.num_codebooks, self.cfg.codebook_size).transpose(1, 2)  # [N,K,T,codebook_size]
 
@@ -466,7 +472,7 @@ class TransformerLM(nn.Module):
             x = layer(x, cache, i, cache.cross[i] if cache.cross else None, cache.cross_bias)
         cache.length += t
         h = x.gather(1, last[:, None, None].expand(-1, 1, x.shape[-1]))  # [N, 1, D]
-        return self._logits(self.norm(h), cache)[:, :, 0]
+        return self.logits(self.norm(h), cache)[:, :, 0]
 
 
 def attending_rows(cross: Tensor, mask: Tensor | None) -> int:

@@ -179,8 +179,9 @@ def test_loss_scores_only_real_codes_through_the_pattern(tiny_musicgen_dir):
     valid = torch.ones(2, 10, dtype=torch.bool)
     valid[1, 6:] = False  # row 1 ends after 6 frames
     codes[1, :, 6:] = model.lm.cfg.special_token
-    ce_sum, count = net(codes, valid, ["piano", "organ"], torch.tensor([True, True]), None, 0.0, 0.0, None)
+    ce_sum, count, loss = net(codes, valid, ["piano", "organ"], torch.tensor([True, True]), None, 0.0, 0.0, None)
     assert count.tolist() == [16, 16, 16, 16]
+    torch.testing.assert_close(loss, (ce_sum / count).mean())  # no opening weight: the mean CE of the codebooks
     # reference: the logits predicting code (k, t) are at step index(k, t) - 1, per code
     cond = model.conditions(["piano", "organ"], None, guided=False)
     seq = model.pattern.build(codes, model.lm.cfg.special_token)
@@ -245,6 +246,21 @@ class Crash(Exception):
     pass
 
 
+def crash_after_step_3(monkeypatch, *args) -> None:
+    """Run train.py lm with `args` until it has written its step-3 checkpoint, then stop it as a crash would."""
+    write = ckpt.write_checkpoint
+
+    def write_then_crash(state, path):
+        write(state, path)
+        if state["step"] == 3:
+            raise Crash
+
+    monkeypatch.setattr(ckpt, "write_checkpoint", write_then_crash)
+    with pytest.raises(Crash):
+        train(*args)
+    monkeypatch.setattr(ckpt, "write_checkpoint", write)
+
+
 SCRATCH = ["--preset", "tiny", "--max-steps", 6, "--save-every", 3, "--eval-every", 3, "--cfg-dropout", 0.3, *FAST]
 
 
@@ -259,17 +275,7 @@ def straight_run(codec_dir, data_dir, tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_resumed_run_follows_the_uninterrupted_one_bitwise(straight_run, codec_dir, data_dir, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    write = ckpt.write_checkpoint
-
-    def write_then_crash(state, path):
-        write(state, path)
-        if state["step"] == 3:
-            raise Crash
-
-    monkeypatch.setattr(ckpt, "write_checkpoint", write_then_crash)
-    with pytest.raises(Crash):
-        train("--data", data_dir, "--out", run, "--codec", codec_dir, *SCRATCH)
-    monkeypatch.setattr(ckpt, "write_checkpoint", write)
+    crash_after_step_3(monkeypatch, "--data", data_dir, "--out", run, "--codec", codec_dir, *SCRATCH)
     assert not (run / "model.safetensors").exists()
     capsys.readouterr()
     assert train("--data", data_dir, "--out", run, "--codec", codec_dir, *SCRATCH) == 0
@@ -469,8 +475,59 @@ def test_melody_dropout_of_one_trains_every_kept_row_on_the_null_melody(tiny_def
     texts, captioned = ["piano, C major", "piano, adagio"], torch.tensor([True, True])
 
     def loss(chroma, melody_dropout):
-        ce_sum, count = net(codes, valid, texts, captioned, chroma, 0.0, melody_dropout, torch.Generator().manual_seed(1))
+        ce_sum, count, _ = net(codes, valid, texts, captioned, chroma, 0.0, melody_dropout, torch.Generator().manual_seed(1))
         return ce_sum / count
 
     torch.testing.assert_close(loss(chroma, 1.0), loss(null, 0.0))
     assert not torch.allclose(loss(chroma, 0.0), loss(null, 0.0))
+
+
+def test_the_opening_weight_and_the_pitch_loss_reach_the_loss(tiny_default_like_dir):
+    """--opening-weight counts the codes of a segment's first steps w times (code (k, t) is predicted at
+    step t + k of the delay pattern); --pitch-loss adds the soft cross-entropy of a head reading the
+    opening's states against the histogram of the mix's chromagram."""
+    model = musicgen_lite.load_model(tiny_default_like_dir, precision="fp32")
+    k, card, c = model.lm.cfg.num_codebooks, model.codec.codebook_size, model.chroma.chroma_length
+    g = torch.Generator().manual_seed(0)
+    codes, valid = torch.randint(0, card, (2, k, 12), generator=g), torch.ones(2, 12, dtype=torch.bool)
+    mix, null = torch.randint(0, 12, (2, c), generator=g), torch.zeros(2, c, dtype=torch.long)  # bin 0 = null
+    texts, captioned = ["piano, C major", "piano, A minor"], torch.tensor([True, True])
+    ce_sum, count, loss = lm_model.TeacherForcing(model)(codes, valid, texts, captioned, null, 0.0, 0.0, None, mix)
+
+    cond = model.conditions(texts, None, guided=False)  # text and the null melody, as the rows above
+    seq = model.pattern.build(codes, model.lm.cfg.special_token)
+    per_code = model.pattern.revert(torch.nn.functional.pad(model.lm(seq[:, :, :-1], cond), (0, 0, 1, 0)), 12)
+    ce = torch.nn.functional.cross_entropy(per_code.flatten(0, 2), codes.flatten(), reduction="none").view(2, k, 12)
+    torch.testing.assert_close(ce.sum(dim=(0, 2)), ce_sum)
+    step = torch.arange(12)[None] + torch.arange(k)[:, None]  # [K, T] the step that predicts code (k, t)
+    weight = torch.where(step < 5, 4.0, 1.0)
+    expected = ((ce * weight).sum(dim=(0, 2)) / (2 * weight.sum(dim=1))).mean()
+    weighted = lm_model.TeacherForcing(model, opening_steps=5, opening_weight=4.0)
+    torch.testing.assert_close(weighted(codes, valid, texts, captioned, null, 0.0, 0.0, None, mix)[2], expected)
+    assert not torch.allclose(expected, loss)
+
+    pitched = lm_model.TeacherForcing(model, opening_steps=5, pitch_weight=0.5)
+    total = pitched(codes, valid, texts, captioned, null, 0.0, 0.0, None, mix)[2]
+    target = torch.stack([torch.bincount(row, minlength=12) for row in mix]).float() / c  # [B, 12]
+    guess = torch.log_softmax(pitched.pitch_head(model.lm.states(seq[:, :, :-1], cond)[:, :5]), dim=-1)  # [B, 5, 12]
+    torch.testing.assert_close(total, loss + 0.5 * -(target[:, None] * guess).sum(-1).mean())
+    total.backward()
+    assert pitched.pitch_head.weight.grad.abs().sum() > 0  # the head trains with the model
+
+
+@pytest.mark.slow
+def test_a_run_with_the_pitch_loss_resumes_bitwise_and_keeps_its_head(codec_dir, data_dir, tmp_path, monkeypatch, capsys):
+    """The pitch head is saved in every checkpoint: a crashed run resumes onto the uninterrupted run's
+    losses, and a rerun without --pitch-loss is refused rather than continued with another loss."""
+    args = [*SCRATCH, "--melody", "--opening-weight", 3, "--opening-seconds", 0.1, "--pitch-loss", 0.5]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    assert train("--data", data_dir, "--out", straight, "--codec", codec_dir, *args) == 0
+    head = ckpt.read_checkpoint(straight / "checkpoints" / "step-00000006.pt")["pitch_head"]
+    assert head["weight"].shape == (12, 64)
+    crash_after_step_3(monkeypatch, "--data", data_dir, "--out", run, "--codec", codec_dir, *args)
+    capsys.readouterr()
+    without = args[:-2]  # no --pitch-loss
+    assert train("--data", data_dir, "--out", run, "--codec", codec_dir, *without) == 2
+    assert "trained with --pitch-loss" in capsys.readouterr().err
+    assert train("--data", data_dir, "--out", run, "--codec", codec_dir, *args) == 0
+    assert train_losses(run) == train_losses(straight) and len(train_losses(run)) == 6

@@ -101,7 +101,8 @@ class Trainer:
         self.lr = cfg.lr or (1e-4 if cfg.model else 5e-4)
         self.warmup = min(500, self.max_steps // 10) if cfg.warmup_steps is None else cfg.warmup_steps
 
-        self.net = TeacherForcing(model).to(d.device)
+        opening = round(cfg.opening_seconds * model.frame_rate)
+        self.net = TeacherForcing(model, opening, cfg.opening_weight, cfg.pitch_loss).to(d.device)
         self.ddp = self.net
         if d.world > 1:
             ids = [d.device.index] if d.device.type == "cuda" else None
@@ -139,6 +140,7 @@ class Trainer:
             "lr_scale": self.lr_scale,
             "best_val": self.best_val,
             "model": trainable_state(self.model),
+            "pitch_head": None if self.net.pitch_head is None else self.net.pitch_head.state_dict(),
             "optimizer": self.opt.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": self.d.gather(rng_state(self.generator, self.d.device)),
@@ -148,6 +150,12 @@ class Trainer:
         missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
         if unexpected or any(not k.startswith(("codec.", "text.encoder.")) for k in missing):
             raise CorruptCheckpoint("its weights do not fit this model")
+        head = state.get("pitch_head")
+        if (head is None) != (self.net.pitch_head is None):
+            raise UsageError(f"the run was trained {'without' if head is None else 'with'} --pitch-loss; "
+                             "repeat the original options to resume, or choose a new --out")
+        if head is not None:
+            self.net.pitch_head.load_state_dict(head)
         self.opt.load_state_dict(state["optimizer"])
         if state["scaler"]:  # empty when the checkpoint was written without fp16 loss scaling
             self.scaler.load_state_dict(state["scaler"])
@@ -198,7 +206,7 @@ class Trainer:
         special = self.model.lm.cfg.special_token
         return make_batch(clips, segs, self.frames, special, self.chroma_rate, self.chroma_length, self.model.frame_rate)
 
-    def losses(self, batch: Batch, train: bool) -> tuple[Tensor, Tensor]:
+    def losses(self, batch: Batch, train: bool) -> tuple[Tensor, Tensor, Tensor]:
         dev = self.d.device
         captions = batch.captions
         if train and self.cfg.caption_augment:
@@ -206,10 +214,11 @@ class Trainer:
         texts = [c or NO_CAPTION for c in captions]
         captioned = torch.tensor([c is not None for c in captions], device=dev)
         chroma = None if batch.chroma is None else batch.chroma.to(dev)
+        mix = None if batch.mix_chroma is None else batch.mix_chroma.to(dev)
         with torch.autocast(dev.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
             module = self.ddp if train else self.net
             return module(batch.codes.to(dev), batch.valid.to(dev), texts, captioned, chroma,
-                          self.cfg.condition_dropout, self.cfg.melody_dropout, self.generator if train else None)
+                          self.cfg.condition_dropout, self.cfg.melody_dropout, self.generator if train else None, mix)
 
     def train_step(self) -> tuple[str, Tensor]:
         """One optimizer step on batch `self.step` -> (status, global CE sums and counts [2K]). Status "ok";
@@ -219,8 +228,7 @@ class Trainer:
         batch = self.batch([self.segments[p] for p in range(start, start + self.rows)], self.train_clips)
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
-        ce_sum, count = self.losses(batch, train=True)
-        loss = (ce_sum / count.clamp(min=1)).mean()
+        ce_sum, count, loss = self.losses(batch, train=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -242,7 +250,7 @@ class Trainer:
         mine = self.valid_segments[self.d.rank :: self.d.world]
         sums = torch.zeros(2 * self.num_codebooks, device=self.d.device)
         for i in range(0, len(mine), self.rows):
-            ce_sum, count = self.losses(self.batch(mine[i : i + self.rows], self.valid_clips), train=False)
+            ce_sum, count, _ = self.losses(self.batch(mine[i : i + self.rows], self.valid_clips), train=False)
             sums += torch.cat([ce_sum.float(), count.float()])
         self.net.train()
         self.d.all_sum(sums)

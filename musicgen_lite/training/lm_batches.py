@@ -24,6 +24,7 @@ class Batch:
     valid: Tensor  # [B, T] bool; False after a clip's end
     captions: list[str | None]
     chroma: Tensor | None  # [B, C] pitch class per chroma frame (melody models)
+    mix_chroma: Tensor | None  # [B, C] the same of the mix itself, whichever the row is conditioned on
 
 
 class Segments:
@@ -75,11 +76,12 @@ def make_batch(clips: list[Clip], segs: list[tuple[int, int, bool]], frames: int
         part = clips[i].codes[:, start : start + frames]
         codes[row, :, : part.shape[1]] = part
         valid[row, : part.shape[1]] = True
-    chroma = None
+    chroma = mix = None
     if chroma_rate is not None:
         chroma = torch.stack([chroma_span(clips[i], s, frame_rate, chroma_rate, chroma_length, track)
                               for i, s, track in segs]).long()
-    return Batch(codes, valid, [clips[i].file.caption for i, _, _ in segs], chroma)
+        mix = torch.stack([chroma_span(clips[i], s, frame_rate, chroma_rate, chroma_length) for i, s, _ in segs]).long()
+    return Batch(codes, valid, [clips[i].file.caption for i, _, _ in segs], chroma, mix)
 
 
 def augment_caption(caption: str, generator: torch.Generator) -> str:

@@ -63,6 +63,9 @@ class Config:
     melody_track_prob: float = 0.75  # rows conditioned on the hummed melody track where a file has one
     melody_dropout: float = 0.5  # of the rows that keep their text, those whose melody is dropped (audiocraft's 0.5)
     caption_augment: bool = True
+    opening_seconds: float = 2.0  # a segment's opening, where only the conditions tell the pitches
+    opening_weight: float = 1.0  # weight of the opening's codes in the loss (1: every code alike)
+    pitch_loss: float = 0.0  # weight of the auxiliary pitch-class loss over the opening (melody models)
     precision: str = "auto"
     save_every: int = 500
     eval_every: int = 500
@@ -127,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
                    f"text and melody by the null condition (default {c.condition_dropout:g})")
     g.add_argument("--caption-augment", action=argparse.BooleanOptionalAction, default=c.caption_augment,
                    help="train on random subsets and orders of a caption's comma-separated fields (default on)")
+    g.add_argument("--opening-seconds", type=float, default=c.opening_seconds,
+                   help="length of a segment's opening, where only the text and melody tell which pitches come "
+                        f"(default {c.opening_seconds:g})")
+    g.add_argument("--opening-weight", type=float, default=c.opening_weight,
+                   help="weight of the opening's codes in the loss, so the key a caption names pays there "
+                        f"(default {c.opening_weight:g}: every code alike; the logged losses stay unweighted)")
+    g.add_argument("--pitch-loss", type=float, default=c.pitch_loss, metavar="WEIGHT",
+                   help="with --melody: add an auxiliary loss in which the LM's states over the opening predict the "
+                        "segment's pitch-class distribution (the histogram of its chromagram), through a head used "
+                        f"in training only (default {c.pitch_loss:g}: off)")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=c.precision,
                    help="autocast dtype; auto = bf16 (or fp16) on CUDA, fp32 on CPU")
     g = p.add_argument_group("run")
@@ -164,6 +177,10 @@ def parse_args(argv: list[str] | None) -> Config:
             or not 0 <= cfg.valid_fraction < 1:
         raise UsageError("--cfg-dropout, --melody-dropout and --melody-track-prob must be in [0, 1] "
                          "and --valid-fraction in [0, 1)")
+    if cfg.opening_seconds < 0 or cfg.opening_weight <= 0 or cfg.pitch_loss < 0:
+        raise UsageError("--opening-seconds and --pitch-loss must be >= 0 and --opening-weight > 0")
+    if cfg.pitch_loss > 0 and not cfg.melody:
+        raise UsageError("--pitch-loss needs --melody: its targets are the chromagrams a melody run caches")
     if cfg.num_workers < 0 or (cfg.warmup_steps is not None and cfg.warmup_steps < 0) or cfg.weight_decay < 0:
         raise UsageError("--num-workers, --warmup-steps and --weight-decay must be >= 0")
     if cfg.model is not None:

@@ -89,16 +89,32 @@ def trainable_state(model: MusicGen) -> dict[str, Tensor]:
 
 class TeacherForcing(nn.Module):
     """The trainable parts of a MusicGen and one teacher-forced pass over a batch of segments:
-    -> (summed cross-entropy [K], scored codes [K]) per codebook."""
+    -> (summed cross-entropy [K], scored codes [K]) per codebook, and the loss to minimise.
 
-    def __init__(self, model: MusicGen):
+    A segment's opening (its first `opening_steps` pattern steps) is where only the conditions tell
+    which pitches come: later, the codes so far give the key away. The loss can weight the opening's
+    codes more (`opening_weight`), and add an auxiliary pitch loss (`pitch_weight`): a linear head
+    that reads the LM's states over the opening and predicts the segment's pitch-class distribution
+    (the histogram of the mix's chromagram). That carries the key a caption names into the states
+    from the first step. The head is part of training only; the model never holds it."""
+
+    def __init__(self, model: MusicGen, opening_steps: int = 0, opening_weight: float = 1.0, pitch_weight: float = 0.0):
         super().__init__()
         self.lm, self.text, self.chroma = model.lm, model.text, model.chroma
         self.pattern = model.pattern
         self.batch_like_transformers = model.batch_like_transformers
+        self.opening_steps, self.opening_weight, self.pitch_weight = opening_steps, opening_weight, pitch_weight
+        self.pitch_head = None
+        if pitch_weight > 0:
+            if model.chroma is None:
+                raise UsageError("the pitch loss needs a melody model (its targets are the mix's chromagram)")
+            self.pitch_head = nn.Linear(model.lm.cfg.dim, model.chroma.num_chroma)
+            nn.init.zeros_(self.pitch_head.weight)  # starts at the uniform guess, and alike in every run
+            nn.init.zeros_(self.pitch_head.bias)
 
     def forward(self, codes: Tensor, valid: Tensor, texts: list[str], captioned: Tensor, chroma: Tensor | None,
-                condition_dropout: float, melody_dropout: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+                condition_dropout: float, melody_dropout: float, generator: torch.Generator | None,
+                mix_chroma: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         cfg = self.lm.cfg
         emb, mask = self.text(texts)  # [B, L, D], [B, L]
         tokens = mask  # each row's own text length, also where its condition is dropped (as at generation)
@@ -111,11 +127,21 @@ class TeacherForcing(nn.Module):
         cond = layout_conditions(cfg.conditioning, emb, mask, self.chroma, feats, text_tokens)
         seq = self.pattern.build(codes, cfg.special_token)  # [B, K, S]
         real = self.pattern.build(valid[:, None].expand(-1, cfg.num_codebooks, -1).long(), 0).bool()  # [B, K, S]
-        logits = self.lm(seq[:, :, :-1], cond)  # [B, K, S-1, codebook_size]: step s predicts step s + 1
+        states = self.lm.states(seq[:, :, :-1], cond)  # [B, S-1, D]
+        logits = self.lm.logits(states)  # [B, K, S-1, codebook_size]: step s predicts step s + 1
         scored = real[:, :, 1:]  # a real code (not an empty pattern slot, not past the clip's end)
         targets = seq[:, :, 1:].masked_fill(~scored, -100)
         ce = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(), ignore_index=-100, reduction="none")
-        return ce.view_as(targets).sum(dim=(0, 2)), scored.sum(dim=(0, 2))  # [K], [K]
+        ce = ce.view_as(targets)  # [B, K, S-1]
+        weight = torch.ones(targets.shape[-1], device=ce.device)  # [S-1]
+        weight[: self.opening_steps] = self.opening_weight
+        counted = scored * weight
+        loss = ((ce * weight).sum(dim=(0, 2)) / counted.sum(dim=(0, 2)).clamp(min=1)).mean()
+        if self.pitch_head is not None and mix_chroma is not None:
+            target = F.one_hot(mix_chroma, self.chroma.num_chroma).float().mean(dim=1)  # [B, 12]
+            guess = F.log_softmax(self.pitch_head(states[:, : max(1, self.opening_steps)]).float(), dim=-1)  # [B, O, 12]
+            loss = loss + self.pitch_weight * -(target[:, None] * guess).sum(-1).mean()
+        return ce.sum(dim=(0, 2)), scored.sum(dim=(0, 2)), loss  # [K], [K], []
 
 
 def publish(model: MusicGen, run: Path) -> None:
