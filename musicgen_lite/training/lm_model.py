@@ -95,8 +95,9 @@ class TeacherForcing(nn.Module):
     which pitches come: later, the codes so far give the key away. The loss can weight the opening's
     codes more (`opening_weight`), and add an auxiliary pitch loss (`pitch_weight`): a linear head
     that reads the LM's states over the opening and predicts the segment's pitch-class distribution
-    (the histogram of the mix's chromagram). That carries the key a caption names into the states
-    from the first step. The head is part of training only; the model never holds it."""
+    (the histogram of the mix's chromagram), which pays for carrying the key a caption names into
+    the first steps' states. The head is part of training only; the model never holds it. What
+    both did to a trained model is in docs/MODEL_CARD.md."""
 
     def __init__(self, model: MusicGen, opening_steps: int = 0, opening_weight: float = 1.0, pitch_weight: float = 0.0):
         super().__init__()
