@@ -502,8 +502,10 @@ def test_the_opening_weight_and_the_pitch_loss_reach_the_loss(tiny_default_like_
     step = torch.arange(12)[None] + torch.arange(k)[:, None]  # [K, T] the step that predicts code (k, t)
     weight = torch.where(step < 5, 4.0, 1.0)
     expected = ((ce * weight).sum(dim=(0, 2)) / (2 * weight.sum(dim=1))).mean()
-    weighted = lm_model.TeacherForcing(model, opening_steps=5, opening_weight=4.0)
-    torch.testing.assert_close(weighted(codes, valid, texts, captioned, null, 0.0, 0.0, None, mix)[2], expected)
+    weighted_sum, weighted_count, weighted_loss = lm_model.TeacherForcing(model, opening_steps=5, opening_weight=4.0)(
+        codes, valid, texts, captioned, null, 0.0, 0.0, None, mix)
+    torch.testing.assert_close(weighted_loss, expected)
+    torch.testing.assert_close((weighted_sum, weighted_count), (ce_sum, count))  # what the log shows stays unweighted
     assert not torch.allclose(expected, loss)
 
     pitched = lm_model.TeacherForcing(model, opening_steps=5, pitch_weight=0.5)
