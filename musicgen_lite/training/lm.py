@@ -202,9 +202,10 @@ class Trainer:
                                  f"(peak {self.lr * scale:.3g})")
 
     # -- one step ------------------------------------------------------------------------------
-    def batch(self, segs: list[tuple[int, int]], clips: list[Clip]) -> Batch:
+    def batch(self, segs: list[tuple[int, int]], clips: list[Clip], with_mix: bool = False) -> Batch:
         special = self.model.lm.cfg.special_token
-        return make_batch(clips, segs, self.frames, special, self.chroma_rate, self.chroma_length, self.model.frame_rate)
+        return make_batch(clips, segs, self.frames, special, self.chroma_rate, self.chroma_length, self.model.frame_rate,
+                          with_mix)
 
     def losses(self, batch: Batch, train: bool) -> tuple[Tensor, Tensor, Tensor]:
         dev = self.d.device
@@ -225,7 +226,8 @@ class Trainer:
         "bad": a non-finite loss or gradient, no update; "overflow": fp16 gradients overflowed, the grad
         scaler skipped the update and lowered its scale (routine, not counted as bad)."""
         start = self.step * self.cfg.batch_size + self.d.rank * self.rows
-        batch = self.batch([self.segments[p] for p in range(start, start + self.rows)], self.train_clips)
+        batch = self.batch([self.segments[p] for p in range(start, start + self.rows)], self.train_clips,
+                           with_mix=self.net.pitch_head is not None)  # the pitch loss's targets
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
         ce_sum, count, loss = self.losses(batch, train=True)

@@ -24,7 +24,7 @@ class Batch:
     valid: Tensor  # [B, T] bool; False after a clip's end
     captions: list[str | None]
     chroma: Tensor | None  # [B, C] pitch class per chroma frame (melody models)
-    mix_chroma: Tensor | None  # [B, C] the same of the mix itself, whichever the row is conditioned on
+    mix_chroma: Tensor | None  # [B, C] the same of the mix itself, whichever the row is conditioned on (pitch loss)
 
 
 class Segments:
@@ -68,7 +68,8 @@ def validation_segments(clips: list[Clip], frames: int, limit: int) -> list[tupl
 
 
 def make_batch(clips: list[Clip], segs: list[tuple[int, int, bool]], frames: int, special: int,
-               chroma_rate: float | None, chroma_length: int, frame_rate: float) -> Batch:
+               chroma_rate: float | None, chroma_length: int, frame_rate: float, with_mix: bool = False) -> Batch:
+    """The rows `segs` of `clips`; `with_mix`: also the mix's chroma of every row (the pitch loss's target)."""
     k = clips[0].codes.shape[0]
     codes = torch.full((len(segs), k, frames), special, dtype=torch.long)
     valid = torch.zeros(len(segs), frames, dtype=torch.bool)
@@ -80,7 +81,8 @@ def make_batch(clips: list[Clip], segs: list[tuple[int, int, bool]], frames: int
     if chroma_rate is not None:
         chroma = torch.stack([chroma_span(clips[i], s, frame_rate, chroma_rate, chroma_length, track)
                               for i, s, track in segs]).long()
-        mix = torch.stack([chroma_span(clips[i], s, frame_rate, chroma_rate, chroma_length) for i, s, _ in segs]).long()
+        if with_mix:
+            mix = torch.stack([chroma_span(clips[i], s, frame_rate, chroma_rate, chroma_length) for i, s, _ in segs]).long()
     return Batch(codes, valid, [clips[i].file.caption for i, _, _ in segs], chroma, mix)
 
 
