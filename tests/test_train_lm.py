@@ -527,6 +527,7 @@ def test_a_run_with_the_pitch_loss_resumes_bitwise_and_keeps_its_head(codec_dir,
     head = ckpt.read_checkpoint(straight / "checkpoints" / "step-00000006.pt")["pitch_head"]
     assert head["weight"].shape == (12, 64)
     assert head["bias"].abs().sum() > 0  # it starts at zero: the run's batches gave it targets
+    assert not any("pitch" in k for k in final_weights(straight))  # training only: the model never holds it
     crash_after_step_3(monkeypatch, "--data", data_dir, "--out", run, "--codec", codec_dir, *args)
     capsys.readouterr()
     without = args[:-2]  # no --pitch-loss
