@@ -11,8 +11,9 @@ COMMANDS = {
     "lm": ("musicgen_lite.training.lm", "train or fine-tune the MusicGen language model on a folder of audio"),
     "codec": ("musicgen_lite.training.codec", "train an EnCodec-style codec (written as a transformers EncodecModel)"),
     "decoder": ("musicgen_lite.training.codec_decoder", "fine-tune a codec's decoder alone (its tokens stay the same)"),
+    "prior": ("musicgen_lite.training.prior", "train a melody prior: the tune a melody model plays for a caption alone"),
 }
-USAGE = "usage: train.py {lm,codec,decoder} [options]"
+USAGE = "usage: train.py {lm,codec,decoder,prior} [options]"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,11 +142,24 @@ class T5Conditioner(nn.Module):
 
     @classmethod
     def from_captions(
+        cls, captions: list[str], dim: int, out_dir: str | Path | None = None, vocab_size: int = 256, **encoder
+    ) -> T5Conditioner:
+        """A randomly initialised T5 encoder (`untrained`'s `encoder` options) on a sentencepiece tokenizer
+        trained on `captions`.
+
+        Trainable by default (`freeze=False`): a random encoder is only useful if it learns.
+        The tokenizer is written to `out_dir` (a temporary directory if None).
+        """
+        if out_dir is None:
+            out_dir = tempfile.mkdtemp(prefix="t5_conditioner_")
+        tokenizer = train_sentencepiece_tokenizer(captions, out_dir, vocab_size=vocab_size)
+        return cls.untrained(tokenizer, dim, **encoder)
+
+    @classmethod
+    def untrained(
         cls,
-        captions: list[str],
+        tokenizer: PreTrainedTokenizerBase,
         dim: int,
-        out_dir: str | Path | None = None,
-        vocab_size: int = 256,
         d_model: int = 256,
         num_layers: int = 4,
         num_heads: int = 4,
@@ -155,14 +168,7 @@ class T5Conditioner(nn.Module):
         freeze: bool = False,
         seed: int = 0,
     ) -> T5Conditioner:
-        """A randomly initialised T5 encoder on a sentencepiece tokenizer trained on `captions`.
-
-        Trainable by default (`freeze=False`): a random encoder is only useful if it learns.
-        The tokenizer is written to `out_dir` (a temporary directory if None).
-        """
-        if out_dir is None:
-            out_dir = tempfile.mkdtemp(prefix="t5_conditioner_")
-        tokenizer = train_sentencepiece_tokenizer(captions, out_dir, vocab_size=vocab_size)
+        """A randomly initialised T5 encoder (seeded) on an existing tokenizer."""
         config = T5Config(
             vocab_size=len(tokenizer),
             d_model=d_model,

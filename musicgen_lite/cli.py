@@ -86,6 +86,8 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, help="LM weights (default: the model's own, fp16 for the bundled "
                    "model and fp32 for others); fp32 is exact, bf16, fp16 or int8 trade exactness for speed")
     p.add_argument("--seed", type=int, help="random seed for reproducible output")
+    p.add_argument("--no-prior", action="store_true", help="without --melody, let the LM read the text alone instead of "
+                   "playing the line the model's melody prior writes for it (models with a prior, such as the bundled one)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all that torch may use; a small model's decoding "
                    "loop times one thread against all and runs on the faster)")
     p.add_argument("--top-k", type=int, help="sample among the k most likely codes (1 = greedy; default: the model's, MusicGen's 250)")
@@ -145,6 +147,8 @@ def generate_main(argv: list[str] | None = None) -> int:
             check_output(path, subtype=subtype, loudness=loudness)
         plot = _plotter() if args.plot else None
         model = load_model(args.model, args.precision) if args.model else load_default_model(args.precision)
+        if args.no_prior:
+            model.melody_prior = None
         if args.stream:
             try:
                 outputs = _stream(args, model)

@@ -43,10 +43,12 @@ from conditioning.text import T5Conditioner
 from .checksums import write_manifest
 from .generation_config import MUSICGEN_DEFAULTS, read_generation_defaults, write_generation_defaults
 from .lm import LMConditions, LMConfig, TransformerLM
+from .melody_prior import MelodyPrior
 from .sampling import SamplingParams, sample_frames
 from .weight_files import WeightFiles
 
 FORMAT = "musicgen_lite"
+PRIOR_DIR = "melody_prior"  # a model directory's optional melody prior
 SAVED_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}  # how save_pretrained may store the LM
 
 
@@ -60,6 +62,7 @@ class MusicGen(nn.Module):
         max_duration: float = 30.0,
         extend_stride: float = 18.0,
         batch_like_transformers: bool = False,
+        melody_prior: MelodyPrior | None = None,
     ):
         super().__init__()
         if codec.num_codebooks != lm.cfg.num_codebooks or codec.codebook_size != lm.cfg.codebook_size:
@@ -69,9 +72,13 @@ class MusicGen(nn.Module):
             )
         if chroma is not None and lm.cfg.conditioning != "prefix":
             raise ValueError("melody conditioning needs a prefix-conditioned LM")
+        if melody_prior is not None and chroma is None:
+            raise ValueError("a melody prior needs a melody model (it proposes the melody condition)")
         if not 0 < extend_stride < max_duration:
             raise ValueError("extend_stride must be in (0, max_duration)")
         self.lm, self.codec, self.text, self.chroma = lm, codec, text, chroma
+        # proposes a melody for a captioned row given none (melody_prior.py); None: such rows have no melody
+        self.melody_prior = melody_prior
         self.max_duration, self.extend_stride = float(max_duration), float(extend_stride)
         self.batch_like_transformers = batch_like_transformers  # see the module docstring
         self.pattern: CodebookPattern = make_pattern(lm.cfg.pattern, lm.cfg.num_codebooks)
@@ -193,6 +200,8 @@ class MusicGen(nn.Module):
         out = None if prompt is None else prompt.to(self.lm.device)  # every frame so far: [B, K, made]
         if out is not None:
             yield out
+        elif self.melody_prior is not None:  # a continuation's key is its prompt's; a fresh clip's, its caption's
+            melody = self.proposed_melodies(texts, melody, generators)
         offset = 0  # first frame of the current window
         while out is None or out.shape[-1] < frames:
             length = min(window, frames - offset)
@@ -207,6 +216,20 @@ class MusicGen(nn.Module):
                     out = piece if out is None else torch.cat([out, piece[:, :, -new:]], dim=-1)
                     yield piece[:, :, -new:]
             offset += stride
+
+    def proposed_melodies(self, texts: list[str], melody: list[Tensor | None] | None,
+                          generators: list[torch.Generator]) -> list[Tensor]:
+        """`melody` with the melody prior's line (one-hot [chroma_length, 12]) for every row that has no
+        melody; each line is drawn from its row's generator, before the row's codes."""
+        melody = melody or [None] * len(texts)
+        rows = [i for i, m in enumerate(melody) if m is None]
+        if not rows:
+            return melody
+        lines = self.melody_prior.sample([texts[i] for i in rows], [generators[i] for i in rows])  # [R, C, 12]
+        melody = list(melody)
+        for i, line in zip(rows, lines):
+            melody[i] = line
+        return melody
 
     def _looped(self, feats: Tensor) -> Tensor:
         """[1, T, 12] features -> [1, chroma_length, 12], looped or cut as ChromaConditioner does."""
@@ -272,6 +295,8 @@ class MusicGen(nn.Module):
         write_generation_defaults(self.generation_defaults, tmp)
         self.codec.save_pretrained(tmp / "codec")
         self.text.save_pretrained(tmp / "text_encoder")
+        if self.melody_prior is not None:
+            self.melody_prior.save_pretrained(tmp / PRIOR_DIR)
         write_manifest(tmp)
         move_into_place(tmp, path)
 
@@ -293,7 +318,9 @@ class MusicGen(nn.Module):
                 chroma = ChromaConditioner(dim=lm.cfg.dim, **cfg["chroma"])
                 chroma.load_state_dict(weights.state_dict("chroma."))
         codec = EncodecCodec.from_pretrained(path / "codec", num_codebooks=lm.cfg.num_codebooks)
-        model = cls(lm, codec, text, chroma, cfg["max_duration"], cfg["extend_stride"], cfg.get("batch_like_transformers", False))
+        prior = MelodyPrior.from_pretrained(path / PRIOR_DIR) if (path / PRIOR_DIR).is_dir() else None
+        model = cls(lm, codec, text, chroma, cfg["max_duration"], cfg["extend_stride"], cfg.get("batch_like_transformers", False),
+                    prior)
         model.generation_defaults = read_generation_defaults(path)
         model.saved_precision = cfg.get("precision", "fp32")
         return model.eval()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the bundled default model (musicgen_lite/assets/default_model) from music21's corpus:
-# data, codec, LM, evaluation, install. Every step resumes where it stopped when run again.
+# data, codec, LM, melody prior, evaluation, install. Every step resumes where it stopped when run again.
 # Figures, timings and the GPU/CPU split of the shipped model: docs/MODEL_CARD.md.
 #
 #   bash scripts/train_default_model.sh [WORK_DIR]        (default WORK_DIR: ./work)
@@ -11,9 +11,9 @@
 #   DEVICE        cpu, cuda (default: cuda when available)     WORKERS   data processes (default: all cores)
 #   VARIANTS      renderings of each excerpt (default 3)       SOUNDFONT the GM bank the piano is cut from
 #   CODEC_STEPS / CODEC_MINUTES, LM_STEPS / LM_MINUTES         training length (minutes: --time-limit)
-#   TEXT_STEPS    steps of the text stage (default 700)
+#   TEXT_STEPS    steps of the text stage (default 700)      PRIOR_STEPS  steps of the melody prior (default 4000)
 #   LM_BATCH      LM segments per step (default 16; 96 on a GPU)
-#   INSTALL=0     keep the result in WORK_DIR/lm_text instead of installing it as the default model
+#   INSTALL=0     keep the result in WORK_DIR/prior instead of installing it as the default model
 set -euo pipefail
 WORK=${1:-work}
 WORKERS=${WORKERS:-$(nproc)}
@@ -64,8 +64,13 @@ python train.py lm --data "$WORK/data" --out "$WORK/lm_text" --model "$WORK/lm" 
     --melody-track-prob 0.75 --melody-dropout 0.5 --segment-seconds 10 --batch-size 16 --lr 3e-4 --warmup-steps 50 \
     --max-steps "${TEXT_STEPS:-700}" --device "$DEVICE" --save-every 100 --eval-every 200
 
+# 3d. Melody prior: a small model with its own text encoder that writes, from the caption alone, the line the LM
+#     then plays when it is given no melody (the key, mode and tempo words reach the audio through it). Trained on
+#     the hum tracks' pitch classes; WORK_DIR/prior is the text-stage model with its prior.
+python train.py prior --model "$WORK/lm_text" --data "$WORK/data" --out "$WORK/prior" --max-steps "${PRIOR_STEPS:-4000}"
+
 # 4. Measure v2 and v1 on held-out works (pairs: key, tempo, unheard hums, noise; codec: SI-SDR, log-mel vs Opus).
-for model in lm_text v1; do
+for model in prior v1; do
   [ -f "$WORK/$model/config.json" ] || continue
   python -m musicgen_lite.evaluate pairs --model "$WORK/$model" --data "$WORK/data" --split test --out "$WORK/pairs_$model.json"
   python -m musicgen_lite.evaluate codec --model "$WORK/$model" --data "$WORK/data" --split test --out "$WORK/codec_$model.json"
@@ -75,7 +80,7 @@ python -m musicgen_lite.evaluate pairs --compare "$WORK"/pairs_*.json
 # 5. Install as the default model, its LM stored (and by default decoded) in fp16, sampling at guidance 14 (the
 #    validation sweep in docs/MODEL_CARD.md).
 if [ "${INSTALL:-1}" = 1 ]; then
-  python - "$WORK/lm_text" musicgen_lite/assets/default_model <<'PY'
+  python - "$WORK/prior" musicgen_lite/assets/default_model <<'PY'
 import dataclasses, sys, musicgen_lite
 model = musicgen_lite.load_model(sys.argv[1])
 model.generation_defaults = dataclasses.replace(model.generation_defaults, cfg_coef=14.0)

@@ -82,8 +82,9 @@ def build_base(cfg: Config, files: list[AudioFile], path: Path) -> None:
 
 
 def trainable_state(model: MusicGen) -> dict[str, Tensor]:
-    """Everything a checkpoint holds: the model without the codec and without a frozen text encoder."""
-    frozen = ("codec.",) + (("text.encoder.",) if model.text.freeze else ())
+    """Everything a checkpoint holds: the model without the codec, a frozen text encoder and a melody prior
+    (trained by train.py prior, carried along unchanged)."""
+    frozen = ("codec.", "melody_prior.") + (("text.encoder.",) if model.text.freeze else ())
     return {k: v for k, v in model.state_dict().items() if not k.startswith(frozen)}
 
 
