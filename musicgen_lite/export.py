@@ -9,7 +9,8 @@ encoder and EnCodec sub-configs, generation_config.json, model.safetensors and t
 decoder's fused tensors are split back into transformers' names (`checkpoints.decoder_sources`, the
 table loading reads with, run backwards); the T5 encoder and EnCodec are transformers' own modules
 already and are written as they are. transformers' greedy decoding of one prompt then gives exactly
-this model's tokens.
+this model's tokens. A melody prior (melody_prior.py) has no place in transformers' format and is not
+written: the exported model decodes a prompt without a melody as this one does without its prior.
 """
 
 from __future__ import annotations

@@ -99,6 +99,8 @@ def test_the_bundled_model_exports(tmp_path):
     assert load_default_model().lm.precision == "fp16"  # saved in fp16, decoded so by default
     model = load_default_model("fp32")  # the same numbers in fp32: what transformers computes with
     directory = musicgen_lite.export(model, tmp_path / "default")
+    assert model.melody_prior is not None and musicgen_lite.load_model(directory).melody_prior is None
+    model.melody_prior = None  # transformers' format has no melody prior: it decodes as --no-prior does
     assert_transformers_decodes_it(model, directory, PROMPTS[:2])
     assert model.generation_defaults.cfg_coef == 14.0  # the bundled model's own, carried by the export
     assert musicgen_lite.load_model(directory).generation_defaults == model.generation_defaults
