@@ -10,8 +10,13 @@ chroma frame, with its own text encoder on the model's tokenizer:
 
     caption --own T5 encoder--> [B, L, d] (cross-attended)
     pitch classes  p_0 p_1 ... p_{C-1}   (C = the melody conditioner's chroma_length, ~7.8 frames/s)
-    TransformerLM(num_codebooks=1, codebook_size=12, "cross")  predicts p_{t+1} from p_<=t
+    tokens         t_j = sum_i p_{jF+i} 12^(F-1-i)   F frames a token (`frames_per_token`, 2 for the bundled prior: 144 ids)
+    TransformerLM(num_codebooks=1, codebook_size=12^F, "cross")  predicts t_{j+1} from t_<=j
     key head: start state (the caption alone) -> the window's pitch-class histogram (training only)
+
+A token holds F frames, so a line takes C / F decoding steps: a step of a small model costs its
+operations' overhead, whatever it computes, and a note lasts about 6 frames, so pairs lose nothing
+the next-frame model would have drawn (both frames of a pair are drawn jointly).
 
 The next-pitch loss alone does not teach the key either (after two notes the line gives it away); the
 key head's loss does, and it is paid by the same cross-attention that the first frames read.
@@ -51,16 +56,17 @@ class PriorConfig:
     ffn_dim: int = 512
     num_chroma: int = 12
     chroma_length: int = 79  # frames generated: the melody conditioner's window
-    top_k: int = 12  # sampling defaults of the prior's own loop
+    frames_per_token: int = 1  # F
+    top_k: int | None = None  # sampling defaults of the prior's own loop (top-k None: every token)
     temperature: float = 1.0
     cfg_coef: float = 3.0
 
     def lm_config(self) -> LMConfig:
-        return LMConfig(num_codebooks=1, codebook_size=self.num_chroma, dim=self.dim, num_heads=self.num_heads,
+        return LMConfig(num_codebooks=1, codebook_size=self.num_chroma**self.frames_per_token, dim=self.dim, num_heads=self.num_heads,
                         num_layers=self.num_layers, ffn_dim=self.ffn_dim, conditioning="cross")
 
     def sampling(self) -> SamplingParams:
-        return SamplingParams(top_k=self.top_k, temperature=self.temperature, cfg_coef=self.cfg_coef)
+        return SamplingParams(top_k=self.top_k or self.num_chroma**self.frames_per_token, temperature=self.temperature, cfg_coef=self.cfg_coef)
 
 
 class MelodyPrior(nn.Module):
@@ -93,14 +99,28 @@ class MelodyPrior(nn.Module):
             emb, mask = torch.cat([emb, null_emb]), torch.cat([mask, null_mask])
         return LMConditions(cross=emb, cross_mask=mask, independent_rows=True)
 
+    def tokens(self, pitches: Tensor) -> Tensor:
+        """Pitch classes [B, C] -> tokens [B, ceil(C / F)] (a short last token repeats its last frame)."""
+        f = self.cfg.frames_per_token
+        pad = -pitches.shape[1] % f
+        pitches = torch.cat([pitches, pitches[:, -1:].expand(-1, pad)], dim=1)
+        places = self.cfg.num_chroma ** torch.arange(f - 1, -1, -1, device=pitches.device)  # [F]
+        return (pitches.view(pitches.shape[0], -1, f) * places).sum(-1)
+
+    def pitches(self, tokens: Tensor) -> Tensor:
+        """Tokens [B, T] -> pitch classes [B, chroma_length]."""
+        f, n = self.cfg.frames_per_token, self.cfg.num_chroma
+        places = n ** torch.arange(f - 1, -1, -1, device=tokens.device)
+        return (tokens[..., None] // places % n).flatten(1)[:, : self.cfg.chroma_length]
+
     def loss(self, pitches: Tensor, texts: list[str | None]) -> tuple[Tensor, Tensor]:
-        """(Mean cross-entropy of the next pitch class, key loss), in nats, for pitch classes [B, C] and
+        """(Mean cross-entropy of the next token, key loss), in nats, for pitch classes [B, C] and
         captions (None: dropped, for guidance). The key loss is the soft cross-entropy of the key head's
         guess from the start state, which has seen nothing but the caption, against the row's
         pitch-class histogram."""
-        seq = self.pattern.build(pitches[:, None], self.lm.cfg.special_token)  # [B, 1, C + 1]
-        states = self.lm.states(seq[:, :, :-1], self.conditions(texts, guided=False))  # [B, C, d]
-        logits = self.lm.logits(states)  # [B, 1, C, 12]
+        seq = self.pattern.build(self.tokens(pitches)[:, None], self.lm.cfg.special_token)  # [B, 1, T + 1]
+        states = self.lm.states(seq[:, :, :-1], self.conditions(texts, guided=False))  # [B, T, d]
+        logits = self.lm.logits(states)  # [B, 1, T, 12^F]
         ce = F.cross_entropy(logits.float().flatten(0, 2), seq[:, :, 1:].flatten())
         histogram = F.one_hot(pitches, self.cfg.num_chroma).float().mean(1)  # [B, 12]
         key = -(histogram * F.log_softmax(self.key_head(states[:, 0]).float(), dim=-1)).sum(-1).mean()
@@ -111,9 +131,9 @@ class MelodyPrior(nn.Module):
         """Captions -> one-hot chroma [B, chroma_length, 12], one line per row, drawn from its generator."""
         params = params or self.cfg.sampling()
         cond = self.conditions(list(texts), params.guided)
-        pieces = sample_frames(self.lm, self.pattern, cond, self.cfg.chroma_length, params, generators, threads=1)
-        pitches = torch.cat(list(pieces), dim=-1)[:, 0]  # [B, C]
-        return F.one_hot(pitches, self.cfg.num_chroma).float()
+        steps = -(-self.cfg.chroma_length // self.cfg.frames_per_token)
+        pieces = sample_frames(self.lm, self.pattern, cond, steps, params, generators, threads=1)
+        return F.one_hot(self.pitches(torch.cat(list(pieces), dim=-1)[:, 0]), self.cfg.num_chroma).float()  # [B, C, 12]
 
     def save_pretrained(self, path: str | Path) -> None:
         """config.json, model.safetensors (decoder and key head) and text_encoder/."""

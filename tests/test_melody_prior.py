@@ -52,8 +52,9 @@ def data_dir(tmp_path_factory) -> Path:
     return d
 
 
-def tiny_prior(model: musicgen_lite.MusicGen, seed: int = 0) -> MelodyPrior:
-    cfg = PriorConfig(dim=16, num_heads=4, num_layers=1, text_layers=1, ffn_dim=32, chroma_length=model.chroma.chroma_length)
+def tiny_prior(model: musicgen_lite.MusicGen, seed: int = 0, frames_per_token: int = 1) -> MelodyPrior:
+    cfg = PriorConfig(dim=16, num_heads=4, num_layers=1, text_layers=1, ffn_dim=32, chroma_length=model.chroma.chroma_length,
+                      frames_per_token=frames_per_token)
     return MelodyPrior.untrained(cfg, model.text.tokenizer, seed=seed)
 
 
@@ -64,24 +65,28 @@ def train(*args) -> int:
 FAST = ["--dim", 16, "--layers", 1, "--batch-size", 8, "--warmup-steps", 5]
 
 
-def test_losses_are_the_decoding_loop_s_next_pitch_and_the_caption_s_key(model_dir):
+@pytest.mark.parametrize("frames_per_token", [1, 2])
+def test_losses_are_the_decoding_loop_s_next_token_and_the_caption_s_key(model_dir, frames_per_token):
     """The teacher-forced cross-entropy equals the one the one-token decoding steps give, and the key
     loss reads a start state that has seen only the caption (a pass of the start token alone gives it)."""
     model = musicgen_lite.load_model(model_dir)
-    prior = tiny_prior(model).eval()
+    prior = tiny_prior(model, frames_per_token=frames_per_token).eval()
     g = torch.Generator().manual_seed(0)
     pitches = torch.randint(12, (2, prior.cfg.chroma_length), generator=g)
+    tokens = prior.tokens(pitches)  # [2, ceil(C / F)]
+    assert tokens.shape[1] == -(-pitches.shape[1] // frames_per_token) and int(tokens.max()) < 12**frames_per_token
+    assert torch.equal(prior.pitches(tokens), pitches)  # F frames a token, and back
     texts = ["piano piece, in C major", None]
     with torch.no_grad():
         ce, key = prior.loss(pitches, texts)
         cond = prior.conditions(texts, guided=False)
-        cache = prior.lm.new_cache(cond, pitches.shape[1] + 1)
-        tokens = torch.full((2, 1, 1), prior.lm.cfg.special_token)
+        cache = prior.lm.new_cache(cond, tokens.shape[1] + 1)
+        fed = torch.full((2, 1, 1), prior.lm.cfg.special_token)
         step_logits = []
-        for t in range(pitches.shape[1]):
-            step_logits.append(prior.lm.step(tokens, cache, cond)[:, 0])  # [2, 12]
-            tokens = pitches[:, None, t : t + 1]
-        nll = -torch.stack(step_logits, 1).log_softmax(-1).gather(-1, pitches[..., None]).mean()
+        for t in range(tokens.shape[1]):
+            step_logits.append(prior.lm.step(fed, cache, cond)[:, 0])  # [2, 12^F]
+            fed = tokens[:, None, t : t + 1]
+        nll = -torch.stack(step_logits, 1).log_softmax(-1).gather(-1, tokens[..., None]).mean()
         start = prior.lm.states(torch.full((2, 1, 1), prior.lm.cfg.special_token), cond)[:, 0]  # [2, d]
         histogram = torch.stack([torch.bincount(p, minlength=12) for p in pitches]).float() / pitches.shape[1]
         expected_key = -(histogram * prior.key_head(start).log_softmax(-1)).sum(-1).mean()
@@ -92,7 +97,7 @@ def test_losses_are_the_decoding_loop_s_next_pitch_and_the_caption_s_key(model_d
 def test_train_py_prior_learns_the_key_a_caption_names(model_dir, data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     assert train("--model", model_dir, "--data", data_dir, "--out", run, "--max-steps", 150, "--eval-every", 50,
-                 "--lr", 3e-3, *FAST) == 0
+                 "--lr", 3e-3, "--frames-per-token", 1, *FAST) == 0
     out = capsys.readouterr().out
     assert "melody tracks: 16 (16 read now" in out and "done at step 150" in out
     model = musicgen_lite.load_model(run)  # the model with its prior, checksummed

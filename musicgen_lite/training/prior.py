@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--condition-dropout", type=float, default=0.15, help="share of rows trained on the null caption")
     p.add_argument("--dim", type=int, default=PriorConfig.dim)
     p.add_argument("--layers", type=int, default=PriorConfig.num_layers)
+    p.add_argument("--frames-per-token", type=int, default=2, help="chroma frames a token holds (default 2: "
+                   "half the decoding steps of one a token)")
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--valid-rows", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("max_steps", "batch_size", "eval_every", "valid_rows", "dim", "layers"):
+    for name in ("max_steps", "batch_size", "eval_every", "valid_rows", "dim", "layers", "frames_per_token"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.dim % PriorConfig.num_heads:
@@ -217,7 +219,8 @@ def train(args: argparse.Namespace) -> int:
     lines = melody_lines(examples, model, args.out / "melody_lines.pt", log.line)
     train_rows = [(f.caption, lines[f.rel]) for f in examples if f.split == "train"]
     valid_rows = [(f.caption, lines[f.rel]) for f in examples if f.split == "valid"]
-    cfg = PriorConfig(dim=args.dim, num_layers=args.layers, chroma_length=model.chroma.chroma_length)
+    cfg = PriorConfig(dim=args.dim, num_layers=args.layers, chroma_length=model.chroma.chroma_length,
+                      frames_per_token=args.frames_per_token)
     prior = MelodyPrior.untrained(cfg, model.text.tokenizer, seed=args.seed)
     trainer = PriorTrainer(args, prior, train_rows, valid_rows, log)
     resumed = restore_latest(args.out / "checkpoints", trainer.load_state_dict, log.line)
