@@ -19,6 +19,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Config, T5EncoderModel, T5Tokenizer
 
@@ -123,6 +124,15 @@ class T5Conditioner(nn.Module):
             hidden = self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # [B, L, d_model]
         emb = self.proj(hidden)  # [B, L, dim]
         emb = emb * mask[..., None]
+        return emb, mask
+
+    def encode_each(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """`forward` of each text on its own, padded to the longest: [B, L, dim], [B, L]. A padded batch
+        can round differently row by row; this way a row's states do not depend on the other texts."""
+        rows = [self([text]) for text in texts]  # ([1, L_i, dim], [1, L_i]) each
+        length = max(mask.shape[1] for _, mask in rows)
+        emb = torch.cat([F.pad(e, (0, 0, 0, length - e.shape[1])) for e, _ in rows])
+        mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for _, m in rows])
         return emb, mask
 
     @classmethod

@@ -88,10 +88,12 @@ class MelodyPrior(nn.Module):
             torch.manual_seed(seed)
             return cls(cfg, text)
 
-    def conditions(self, texts: list[str | None], guided: bool) -> LMConditions:
+    def conditions(self, texts: list[str | None], guided: bool, each: bool = True) -> LMConditions:
         """Captions (None: the null caption) -> cross-attention conditions, with the null caption's rows
-        after them when guided."""
-        emb, mask = self.text([text or "." for text in texts])  # a dropped row's placeholder is zeroed below
+        after them when guided. `each`: every caption encoded on its own (`T5Conditioner.encode_each`),
+        so that a row's line does not depend on the other rows; training encodes the batch at once."""
+        placeholders = [text or "." for text in texts]  # a dropped row's placeholder is zeroed below
+        emb, mask = self.text.encode_each(placeholders) if each else self.text(placeholders)
         dropped = torch.tensor([not text for text in texts], device=emb.device)
         null_emb, null_mask = null_text(emb, mask)
         emb, mask = torch.where(dropped[:, None, None], null_emb, emb), torch.where(dropped[:, None], null_mask, mask)
@@ -119,7 +121,7 @@ class MelodyPrior(nn.Module):
         guess from the start state, which has seen nothing but the caption, against the row's
         pitch-class histogram."""
         seq = self.pattern.build(self.tokens(pitches)[:, None], self.lm.cfg.special_token)  # [B, 1, T + 1]
-        states = self.lm.states(seq[:, :, :-1], self.conditions(texts, guided=False))  # [B, T, d]
+        states = self.lm.states(seq[:, :, :-1], self.conditions(texts, guided=False, each=False))  # [B, T, d]
         logits = self.lm.logits(states)  # [B, 1, T, 12^F]
         ce = F.cross_entropy(logits.float().flatten(0, 2), seq[:, :, 1:].flatten())
         histogram = F.one_hot(pitches, self.cfg.num_chroma).float().mean(1)  # [B, 12]

@@ -30,7 +30,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -77,7 +76,7 @@ class MusicGen(nn.Module):
         if not 0 < extend_stride < max_duration:
             raise ValueError("extend_stride must be in (0, max_duration)")
         self.lm, self.codec, self.text, self.chroma = lm, codec, text, chroma
-        # proposes a melody for a captioned row given none (melody_prior.py); None: such rows have no melody
+        # proposes a melody for a row given none (melody_prior.py); None: such rows have no melody
         self.melody_prior = melody_prior
         self.max_duration, self.extend_stride = float(max_duration), float(extend_stride)
         self.batch_like_transformers = batch_like_transformers  # see the module docstring
@@ -129,13 +128,7 @@ class MusicGen(nn.Module):
         """Texts (B) -> T5 states [B, L, D] and mask [B, L], padded to the longest text. Each text is
         encoded on its own (a padded batch can round differently row by row), except with `batch_like_transformers`,
         where the batch is encoded together as transformers does."""
-        if self.batch_like_transformers:
-            return self.text(texts)
-        rows = [self.text([t]) for t in texts]  # ([1, L_i, D], [1, L_i]) each
-        length = max(mask.shape[1] for _, mask in rows)
-        emb = torch.cat([F.pad(e, (0, 0, 0, length - e.shape[1])) for e, _ in rows])
-        mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for _, m in rows])
-        return emb, mask
+        return self.text(texts) if self.batch_like_transformers else self.text.encode_each(texts)
 
     def melody_features(self, melodies: list[Tensor | None]) -> Tensor | None:
         """Melodies (None = no melody for that row) -> one-hot [B, T, 12], or None when no row has one.

@@ -219,3 +219,28 @@ def test_the_bundled_prior_writes_lines_in_the_keys_its_captions_name():
         mode_right += ("major" if scores[0, tonic] >= scores[1, tonic] else "minor") == mode
         tonic_right += int(np.unravel_index(np.nanargmax(scores), scores.shape)[1]) == tonic
     assert mode_right / len(cases) >= 0.8 and tonic_right / len(cases) >= 0.45, (mode_right, tonic_right)
+
+
+def test_a_row_s_line_and_codes_do_not_depend_on_its_batch(model_dir):
+    model = musicgen_lite.load_model(model_dir)
+    model.melody_prior = tiny_prior(model, seed=3).eval()
+    params = SamplingParams(top_k=5, cfg_coef=3.0)
+    texts = ["a much longer caption: mozart string quartet, menuetto, in G major, 3/4, piano", "in C minor"]
+    both = model.generate_tokens(texts, 20, params, [torch.Generator().manual_seed(s) for s in (1, 2)])
+    alone = model.generate_tokens(texts[1:], 20, params, [torch.Generator().manual_seed(2)])
+    assert torch.equal(both[1:], alone)
+
+
+def test_the_lm_trainer_carries_a_model_s_prior_and_resumes(model_dir, data_dir, tmp_path, capsys):
+    from musicgen_lite.training import lm as train_lm
+
+    model = musicgen_lite.load_model(model_dir)
+    model.melody_prior = tiny_prior(model, seed=4).eval()
+    model.save_pretrained(tmp_path / "m")
+    fast = ["--segment-seconds", "0.5", "--batch-size", "4", "--num-workers", "0", "--melody"]
+    args = ["--model", tmp_path / "m", "--data", data_dir, "--out", tmp_path / "run", *fast]
+    assert train_lm.main([str(a) for a in (*args, "--max-steps", 2, "--save-every", 2)]) == 0
+    assert train_lm.main([str(a) for a in (*args, "--max-steps", 3, "--save-every", 2)]) == 0
+    assert "resuming from step 2" in capsys.readouterr().out
+    carried = musicgen_lite.load_model(tmp_path / "run").melody_prior.state_dict()
+    assert all(torch.equal(v, carried[k]) for k, v in model.melody_prior.state_dict().items())

@@ -148,7 +148,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
-        if unexpected or any(not k.startswith(("codec.", "text.encoder.")) for k in missing):
+        if unexpected or any(not k.startswith(("codec.", "text.encoder.", "melody_prior.")) for k in missing):
             raise CorruptCheckpoint("its weights do not fit this model")
         head = state.get("pitch_head")
         if (head is None) != (self.net.pitch_head is None):
