@@ -178,6 +178,13 @@ def test_a_model_plays_its_prior_s_line_for_a_caption_without_melody(model_dir, 
     line = with_prior.melody_prior.sample(texts[1:], drawn[1:])[0]  # only the row without a melody draws a line
     assert torch.equal(mixed, plain.generate_tokens(texts, frames, params, drawn, melody=[hum, line]))
 
+    for m in (loaded, plain):  # a clip over several windows: later windows loop the prior's line, as a hum's
+        m.max_duration, m.extend_stride = 0.4, 0.2
+    drawn = gens()
+    lines = with_prior.melody_prior.sample(texts, drawn)
+    assert torch.equal(loaded.generate_tokens(texts, 50, params, gens()),
+                       plain.generate_tokens(texts, 50, params, drawn, melody=list(lines)))
+
     prompt = tokens[:, :, :10]
     assert torch.equal(loaded.generate_tokens(texts, frames, params, gens(), prompt=prompt),
                        plain.generate_tokens(texts, frames, params, gens(), prompt=prompt))
