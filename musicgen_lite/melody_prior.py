@@ -10,13 +10,13 @@ chroma frame, with its own text encoder on the model's tokenizer:
 
     caption --own T5 encoder--> [B, L, d] (cross-attended)
     pitch classes  p_0 p_1 ... p_{C-1}   (C = the melody conditioner's chroma_length, ~7.8 frames/s)
-    tokens         t_j = sum_i p_{jF+i} 12^(F-1-i)   F frames a token (`frames_per_token`, 2 for the bundled prior: 144 ids)
+    tokens         t_j = sum_i p_{jF+i} 12^(F-1-i)   F frames a token (`frames_per_token`; 1 for the bundled prior)
     TransformerLM(num_codebooks=1, codebook_size=12^F, "cross")  predicts t_{j+1} from t_<=j
     key head: start state (the caption alone) -> the window's pitch-class histogram (training only)
 
-A token holds F frames, so a line takes C / F decoding steps: a step of a small model costs its
-operations' overhead, whatever it computes, and a note lasts about 6 frames, so pairs lose nothing
-the next-frame model would have drawn (both frames of a pair are drawn jointly).
+A token may hold F frames, so that a line takes C / F decoding steps: a step of a small model costs
+its operations' overhead, whatever it computes (F = 2 halves the 61 ms a line takes, but its lines
+were less varied and the audio followed the key a little less; docs/MODEL_CARD.md).
 
 The next-pitch loss alone does not teach the key either (after two notes the line gives it away); the
 key head's loss does, and it is paid by the same cross-attention that the first frames read.
