@@ -18,13 +18,13 @@ A token may hold F frames, so that a line takes C / F decoding steps: a step of 
 its operations' overhead, whatever it computes (F = 2 halves the 61 ms a line takes, but its lines
 were less varied and the audio followed the key a little less; docs/MODEL_CARD.md).
 
-The next-pitch loss alone does not teach the key either (after two notes the line gives it away); the
-key head's loss does, and it is paid by the same cross-attention that the first frames read.
+The next-pitch loss pays little for the key either (after two notes the line gives it away); the key
+head's loss pays for it directly, through the same cross-attention that the first frames read.
 
 Generation samples C pitch classes (top-k, temperature and classifier-free guidance against the null
 caption, like the LM's own loop) and hands them to the LM as one-hot chroma, the form a written tune
 (`--melody tune.mid`) takes: the LM then plays that line as it plays a hum. A model directory that
-carries a prior (`melody_prior/`) uses it for every captioned row asked for without a melody; a
+carries a prior (`melody_prior/`) uses it for every row asked for without a melody; a
 later window of a long clip loops it like any melody.
 """
 
@@ -77,7 +77,7 @@ class MelodyPrior(nn.Module):
         self.cfg, self.text = cfg, text
         self.lm = TransformerLM(cfg.lm_config())
         self.key_head = nn.Linear(cfg.dim, cfg.num_chroma)
-        self.pattern = make_pattern("delay", 1)  # one stream: step s holds frame s - 1, step 0 the start token
+        self.pattern = make_pattern("delay", 1)  # one stream: step s holds token s - 1, step 0 the start token
 
     @classmethod
     def untrained(cls, cfg: PriorConfig, tokenizer, seed: int = 0) -> MelodyPrior:
