@@ -260,13 +260,11 @@ class TokenCache:
 
     def _pitch_classes(self, mono: Tensor, rate: int) -> Tensor:
         """mono [N] at `rate` -> argmax chroma [frames] (uint8)."""
-        mono = resample(mono, rate, self.chroma.sample_rate)
-        return self.chroma(mono[None])[0].argmax(dim=-1).to(torch.uint8).cpu()  # [frames]
+        return pitch_classes(mono, rate, self.chroma)
 
     def _track_chroma(self, path: Path) -> list[Tensor]:
         """Argmax chroma of a melody track, chunked like its audio file."""
-        device = next(self.codec.parameters()).device
-        return [self._pitch_classes(wav.to(device).mean(dim=0), rate) for wav, rate, _ in read_chunks(path, self.chunk_seconds)]
+        return track_pitch_classes(path, self.chroma, self.chunk_seconds, next(self.codec.parameters()).device)
 
     def load(self, files: list[AudioFile]) -> tuple[list[Clip], list[tuple[AudioFile, str]]]:
         """Clips of every readable file (one per chunk) and the (file, reason) of every skipped one."""
@@ -284,6 +282,20 @@ class TokenCache:
             for i, codes in enumerate(entry["codes"]):
                 clips.append(Clip(file, codes, None if mix is None else mix[i], None if track is None else track[i]))
         return clips, skipped
+
+
+def pitch_classes(mono: Tensor, rate: int, extractor: ChromaExtractor) -> Tensor:
+    """mono [N] at `rate` -> the argmax pitch class of every chroma frame [frames] (uint8), as the
+    melody conditioner's bottleneck keeps it."""
+    mono = resample(mono, rate, extractor.sample_rate)
+    return extractor(mono[None])[0].argmax(dim=-1).to(torch.uint8).cpu()  # [frames]
+
+
+def track_pitch_classes(path: Path, extractor: ChromaExtractor, chunk_seconds: float,
+                        device: torch.device | str = "cpu") -> list[Tensor]:
+    """`pitch_classes` of each chunk of at most `chunk_seconds` of an audio file (a melody track), its
+    channels mixed to mono; raises one of READ_ERRORS for a file that cannot be read."""
+    return [pitch_classes(wav.to(device).mean(dim=0), rate, extractor) for wav, rate, _ in read_chunks(path, chunk_seconds)]
 
 
 def chroma_span(clip: Clip, start: int, frame_rate: float, chroma_rate: float, length: int, track: bool = False) -> Tensor:

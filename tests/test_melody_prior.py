@@ -134,6 +134,19 @@ def test_a_crashed_run_resumes_onto_the_uninterrupted_one(model_dir, data_dir, t
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def test_a_silent_track_is_a_line_and_an_unreadable_one_is_skipped(model_dir, data_dir, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    sf.write(data / "melody" / "C0.wav", np.zeros(3 * SR, dtype=np.float32), SR)  # a hum that never sounds
+    (data / "melody" / "C1.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEjunk" + bytes(200))
+    assert train("--model", model_dir, "--data", data, "--out", tmp_path / "run", "--max-steps", 2, *FAST) == 0
+    out = capsys.readouterr().out
+    assert "warning: skipping C1.wav: melody track:" in out
+    assert "melody tracks: 15 (15 read now" in out and "done at step 2" in out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--max-steps", 0], "--max-steps must be at least 1"),
     (["--condition-dropout", 1.0], "--condition-dropout must be in [0, 1)"),

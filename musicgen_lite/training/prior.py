@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from codebooks.audio import save_torch
-from conditioning.chroma import load_melody
+from codebooks.audio import READ_ERRORS, save_torch
+from conditioning.chroma import ChromaExtractor
 
-from ..audio_data import AudioFile, DataError, scan
+from ..audio_data import AudioFile, DataError, one_line, scan, track_pitch_classes
 from ..checkpoints import load_model
 from ..cli_errors import UsageError
 from ..melody_prior import MelodyPrior, PriorConfig
@@ -43,6 +43,7 @@ from .log import RunLog
 from .run import run_training
 
 PROG = "train.py prior"
+TRACK_SECONDS = 600.0  # a melody track is read in chunks of this length (the token cache's default)
 COLUMNS = ["step", "seconds", "lr", "train_ce", "train_key", "valid_ce", "valid_key", "event"]
 
 
@@ -83,19 +84,25 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def melody_lines(files: list[AudioFile], model: MusicGen, store: Path, say) -> dict[str, torch.Tensor]:
-    """Pitch class per chroma frame [frames] (uint8) of every file's melody track, by relative path;
-    computed once per track version and kept in `store`."""
+    """Pitch class per chroma frame [frames] of every readable file's melody track, by relative path
+    (`audio_data.track_pitch_classes`, the token cache's reading of a track); computed once per track
+    version and kept in `store`. An unreadable track is skipped with a warning."""
     saved = torch.load(store, weights_only=True) if store.is_file() else {}
-    chroma = model.chroma
-    settings = f"{chroma.extractor.sample_rate}|{chroma.extractor.n_fft}|{chroma.extractor.hop_length}"
+    ex = model.chroma.extractor
+    extractor = ChromaExtractor(ex.sample_rate, ex.n_fft, ex.hop_length, ex.num_chroma, chunk_length=TRACK_SECONDS + 1.0)
+    settings = f"{ex.sample_rate}|{ex.n_fft}|{ex.hop_length}"
     lines, computed = {}, 0
     for file in tqdm(files, desc="melody tracks", unit="file", dynamic_ncols=True, mininterval=2.0):
         st = file.melody.stat()
         stamp = f"{settings}|{file.melody}|{st.st_size}|{st.st_mtime_ns}"
         entry = saved.get(file.rel)
         if entry is None or entry["stamp"] != stamp:
-            wav = load_melody(str(file.melody), chroma.extractor.sample_rate)  # [N] mono at the chroma rate
-            entry = {"stamp": stamp, "line": chroma.features([wav])[0].argmax(-1).to(torch.uint8)}
+            try:
+                line = torch.cat(track_pitch_classes(file.melody, extractor, TRACK_SECONDS))
+            except READ_ERRORS as e:
+                say(f"warning: skipping {file.rel}: melody track: {one_line(e)}")
+                continue
+            entry = {"stamp": stamp, "line": line}
             computed += 1
         lines[file.rel] = entry
     if computed:
@@ -217,8 +224,10 @@ def train(args: argparse.Namespace) -> int:
     remove_leftovers(args.out)
     log = RunLog(args.out / "log.csv", COLUMNS)
     lines = melody_lines(examples, model, args.out / "melody_lines.pt", log.line)
-    train_rows = [(f.caption, lines[f.rel]) for f in examples if f.split == "train"]
-    valid_rows = [(f.caption, lines[f.rel]) for f in examples if f.split == "valid"]
+    train_rows = [(f.caption, lines[f.rel]) for f in examples if f.split == "train" and f.rel in lines]
+    valid_rows = [(f.caption, lines[f.rel]) for f in examples if f.split == "valid" and f.rel in lines]
+    if not train_rows:
+        raise UsageError(f"no readable melody track among the training files of {args.data}")
     cfg = PriorConfig(dim=args.dim, num_layers=args.layers, chroma_length=model.chroma.chroma_length,
                       frames_per_token=args.frames_per_token)
     prior = MelodyPrior.untrained(cfg, model.text.tokenizer, seed=args.seed)
