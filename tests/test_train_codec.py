@@ -426,9 +426,10 @@ def test_checkpoints_of_the_earlier_format_are_refused_in_one_line(tmp_path, cap
 
 
 @pytest.mark.slow
-def test_decoder_fine_tuning_keeps_every_token_and_changes_only_the_decoder(tmp_path):
+@pytest.mark.parametrize("adversarial", [False, True])
+def test_decoder_fine_tuning_keeps_every_token_and_changes_only_the_decoder(tmp_path, adversarial):
     """train.py decoder: the tuned codec encodes audio to exactly the same codes (an LM trained on them
-    stays valid), and only decoder weights moved."""
+    stays valid), and only decoder weights moved, with or without the discriminator beside it."""
     from transformers import EncodecModel
 
     import train
@@ -442,7 +443,8 @@ def test_decoder_fine_tuning_keeps_every_token_and_changes_only_the_decoder(tmp_
     codec_dir = DEFAULT_MODEL_DIR / "codec"
     out = tmp_path / "run"
     assert train.main(["decoder", "--codec", str(codec_dir), "--data", str(data), "--out", str(out),
-                       "--max-steps", "2", "--batch-size", "2", "--valid-segments", "2", "--lr", "1e-3"]) == 0
+                       "--max-steps", "2", "--batch-size", "2", "--valid-segments", "2", "--lr", "1e-3"]
+                      + ["--adversarial"] * adversarial) == 0
     before, after = EncodecModel.from_pretrained(codec_dir), EncodecModel.from_pretrained(out)
     moved = {name for name, p in after.state_dict().items() if not torch.equal(p, before.state_dict()[name])}
     assert moved and all(name.startswith("decoder.") for name in moved)

@@ -8,10 +8,12 @@ and spectral error without changing a single token:
 
     wav [B, 1, N] --frozen encoder + frozen RVQ--> quantized [B, D, T] --decoder (trained)--> recon [B, 1, N]
     loss = L1 + 10 MSE + mel_weight x multi-scale log-mel L1   (the codec trainer's losses)
+         [+ adv_weight x hinge + feat_weight x feature matching, with --adversarial: the codec trainer's
+          multi-scale STFT discriminator, trained beside the decoder from scratch]
 
 RUN receives the whole codec (transformers EncodecModel format) every --save-every steps and at the
 end, written aside and renamed; run again on the same RUN to go on from the decoder saved there (the
-optimiser starts afresh). Data, splits and validation segments are the codec trainer's.
+optimisers start afresh, and so does the discriminator, which is not saved). Data, splits and validation segments are the codec trainer's.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from ..evaluate.signal import si_sdr
 from ..quiet import transformers_silenced
 from ..run_lock import RunInUse, RunLock
 from .codec import grads_finite, load_audio_data, sample_batch, save_encodec, validation_segments
-from .codec_losses import MultiScaleMelLoss
+from .codec_config import TrainConfig
+from .codec_losses import MultiScaleMelLoss, MultiScaleSTFTDiscriminator, discriminator_loss, generator_adversarial_losses
 
 PROG = "train.py decoder"
 
@@ -47,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment-seconds", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--mel-weight", type=float, default=0.5, help="weight of the log-mel loss (noise between notes)")
+    p.add_argument("--adversarial", action="store_true", help="add the codec trainer's multi-scale STFT discriminator")
+    p.add_argument("--adv-weight", type=float, default=TrainConfig.adv_weight, help="adversarial (hinge) loss weight")
+    p.add_argument("--feat-weight", type=float, default=TrainConfig.feat_weight, help="feature-matching loss weight")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--valid-segments", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -75,6 +81,8 @@ def tune(args: argparse.Namespace) -> None:
     mel = MultiScaleMelLoss(rate)
     generator = torch.Generator().manual_seed(args.seed)
     optimizer = torch.optim.Adam(model.decoder.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    disc = MultiScaleSTFTDiscriminator(TrainConfig.disc_filters) if args.adversarial else None
+    disc_optimizer = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9)) if disc is not None else None
     model.eval()
     print(f"from {start_from}: valid SI-SDR {{:.2f}} dB, mel {{:.4f}}".format(*evaluate(model, segments, mel)), flush=True)
     log = open(args.out / "log.csv", "a")
@@ -87,10 +95,23 @@ def tune(args: argparse.Namespace) -> None:
         model.decoder.train()
         recon = model.decoder(quantized)[..., : wav.shape[-1]]
         loss = F.l1_loss(recon, wav) + 10 * F.mse_loss(recon, wav) + args.mel_weight * mel(recon, wav)
+        if disc is not None:
+            disc.requires_grad_(False)  # the decoder's step does not train the discriminator
+            with torch.no_grad():
+                real = disc(wav)
+            adv, feat = generator_adversarial_losses(disc(recon), real)
+            loss = loss + args.adv_weight * adv + args.feat_weight * feat
+            disc.requires_grad_(True)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if torch.isfinite(loss) and grads_finite(model.decoder.parameters()):
             optimizer.step()
+        if disc is not None:
+            disc_loss = discriminator_loss(disc(recon.detach()), disc(wav))
+            disc_optimizer.zero_grad(set_to_none=True)
+            disc_loss.backward()
+            if torch.isfinite(disc_loss) and grads_finite(disc.parameters()):
+                disc_optimizer.step()
         step += 1
         model.decoder.eval()
         if step % args.save_every == 0 or step == args.max_steps:
