@@ -171,6 +171,26 @@ def test_caption_augmentation_draws_subsets_and_orders_of_the_fields():
     assert lm_batches.augment_caption("solo cello", g) == "solo cello"
 
 
+def test_caption_augmentation_says_tempo_words_in_plain_english_too():
+    """The data builder's captions name tempi in Italian; augmentation also says them as people do, so that
+    "slow" and "fast" mean something to a trained model. Each word keeps to its own tempo's phrases."""
+    from musicgen_lite.data.scores.augment import TEMPO_WORDS
+
+    assert set(lm_batches.PLAIN_TEMPO) == {word for word, _ in TEMPO_WORDS}
+    g = torch.Generator().manual_seed(0)
+    for word, phrases in lm_batches.PLAIN_TEMPO.items():
+        caption = f"haydn string quartet, {word}, 100 bpm, F minor, piano"
+        seen = [lm_batches.augment_caption(caption, g) for _ in range(400)]
+        said = {phrase for s in seen for phrase in phrases if f"{phrase}," in f"{s}," or s.startswith(phrase)}
+        assert said == set(phrases)  # every plain form comes up
+        assert not any(other in s.split(", ") for s in seen for w, ps in lm_batches.PLAIN_TEMPO.items() if w != word
+                       for other in ps if other not in phrases)
+        named = [s for s in seen if word in s.split(", ") or any(p in s.split(", ") for p in phrases)]
+        plain = [s for s in named if word not in s.split(", ")]
+        assert 0.35 < len(plain) / len(named) < 0.65  # about PLAIN_TEMPO_SHARE of them
+    assert lm_batches.augment_caption("allegretto, piano", g) in ("allegretto, piano", "piano, allegretto", "piano", "allegretto")
+
+
 def test_loss_scores_only_real_codes_through_the_pattern(tiny_musicgen_dir):
     model = musicgen_lite.load_model(tiny_musicgen_dir)
     net = lm_model.TeacherForcing(model)

@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg-dropout", dest="condition_dropout", type=float, default=c.condition_dropout, help="probability of replacing a row's "
                    f"text and melody by the null condition (default {c.condition_dropout:g})")
     g.add_argument("--caption-augment", action=argparse.BooleanOptionalAction, default=c.caption_augment,
-                   help="train on random subsets and orders of a caption's comma-separated fields (default on)")
+                   help="train on random subsets and orders of a caption's comma-separated fields, with tempo "
+                   "words also said in plain English: allegro as fast, quick or lively (default on)")
     g.add_argument("--opening-seconds", type=float, default=c.opening_seconds,
                    help="length of a segment's opening, where only the text and melody tell which pitches come "
                         f"(default {c.opening_seconds:g})")
