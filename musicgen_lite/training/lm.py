@@ -211,7 +211,7 @@ class Trainer:
         dev = self.d.device
         captions = batch.captions
         if train and self.cfg.caption_augment:
-            captions = [None if c is None else augment_caption(c, self.generator) for c in captions]
+            captions = [None if c is None else augment_caption(c, self.generator, self.cfg.plain_tempo_words) for c in captions]
         texts = [c or NO_CAPTION for c in captions]
         captioned = torch.tensor([c is not None for c in captions], device=dev)
         chroma = None if batch.chroma is None else batch.chroma.to(dev)

@@ -88,7 +88,8 @@ def make_batch(clips: list[Clip], segs: list[tuple[int, int, bool]], frames: int
 
 
 # How people say the data builder's tempo words (augment.TEMPO_WORDS) in plain English. The captions
-# name tempi in Italian only; without this a model never learns what "slow" or "fast" means.
+# name tempi in Italian only; without this a model never learns what "slow" or "fast" means. Opt-in
+# (`--plain-tempo-words`): measured on the bundled model's recipe in docs/MODEL_CARD.md.
 PLAIN_TEMPO = {
     "largo": ("very slow", "slow", "broad"),
     "adagio": ("slow", "slowly", "leisurely"),
@@ -101,15 +102,15 @@ PLAIN_TEMPO_SHARE = 0.5  # of the captions that name one of these words
 _TEMPO_WORD = re.compile(r"\b(" + "|".join(PLAIN_TEMPO) + r")\b")
 
 
-def augment_caption(caption: str, generator: torch.Generator) -> str:
-    """A random non-empty subset of the caption's comma-separated fields, in random order; in
-    PLAIN_TEMPO_SHARE of the captions that name a tempo word, the word is said in plain English
-    (one of its PLAIN_TEMPO phrases: "allegro, 144 bpm" -> "fast, 144 bpm")."""
+def augment_caption(caption: str, generator: torch.Generator, plain_tempo: bool = False) -> str:
+    """A random non-empty subset of the caption's comma-separated fields, in random order; with
+    `plain_tempo`, in PLAIN_TEMPO_SHARE of the captions that name a tempo word, the word is said in
+    plain English (one of its PLAIN_TEMPO phrases: "allegro, 144 bpm" -> "fast, 144 bpm")."""
     fields = [f.strip() for f in caption.split(",") if f.strip()]
     if len(fields) >= 2:
         keep = int(torch.randint(1, len(fields) + 1, (1,), generator=generator))
         caption = ", ".join(fields[i] for i in torch.randperm(len(fields), generator=generator)[:keep].tolist())
-    word = _TEMPO_WORD.search(caption)
+    word = _TEMPO_WORD.search(caption) if plain_tempo else None
     if word is not None and float(torch.rand((), generator=generator)) < PLAIN_TEMPO_SHARE:
         phrases = PLAIN_TEMPO[word.group(1)]
         phrase = phrases[int(torch.randint(len(phrases), (1,), generator=generator))]

@@ -63,6 +63,7 @@ class Config:
     melody_track_prob: float = 0.75  # rows conditioned on the hummed melody track where a file has one
     melody_dropout: float = 0.5  # of the rows that keep their text, those whose melody is dropped (audiocraft's 0.5)
     caption_augment: bool = True
+    plain_tempo_words: bool = False  # caption augmentation also says tempo words in plain English
     opening_seconds: float = 2.0  # a segment's opening, where only the conditions tell the pitches
     opening_weight: float = 1.0  # weight of the opening's codes in the loss (1: every code alike)
     pitch_loss: float = 0.0  # weight of the auxiliary pitch-class loss over the opening (melody models)
@@ -129,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg-dropout", dest="condition_dropout", type=float, default=c.condition_dropout, help="probability of replacing a row's "
                    f"text and melody by the null condition (default {c.condition_dropout:g})")
     g.add_argument("--caption-augment", action=argparse.BooleanOptionalAction, default=c.caption_augment,
-                   help="train on random subsets and orders of a caption's comma-separated fields, with tempo "
-                   "words also said in plain English: allegro as fast, quick or lively (default on)")
+                   help="train on random subsets and orders of a caption's comma-separated fields (default on)")
+    g.add_argument("--plain-tempo-words", action="store_true",
+                   help="caption augmentation also says the data builder's tempo words in plain English in half the "
+                   "captions that name one: allegro as fast, quick or lively (default off; see the model card)")
     g.add_argument("--opening-seconds", type=float, default=c.opening_seconds,
                    help="length of a segment's opening, where only the text and melody tell which pitches come "
                         f"(default {c.opening_seconds:g})")

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--key-weight", type=float, default=1.0, help="weight of the key loss (default 1)")
+    p.add_argument("--plain-tempo-words", action="store_true", help="caption augmentation also says tempo words in "
+                   "plain English, as train.py lm --plain-tempo-words does (default off; see the model card)")
     p.add_argument("--condition-dropout", type=float, default=0.15, help="share of rows trained on the null caption")
     p.add_argument("--dim", type=int, default=PriorConfig.dim)
     p.add_argument("--layers", type=int, default=PriorConfig.num_layers)
@@ -163,7 +165,7 @@ class PriorTrainer:
             caption, line = self.train[i]
             start = int(torch.randint(max(1, line.shape[0] - self.length + 1), (1,), generator=g))
             lines.append(window(line, self.length, start))
-            texts.append(augment_caption(caption, g))
+            texts.append(augment_caption(caption, g, self.args.plain_tempo_words))
         dropped = (torch.rand(len(texts), generator=g) < self.args.condition_dropout).tolist()
         return [None if drop else text for drop, text in zip(dropped, texts)], torch.stack(lines)
 
