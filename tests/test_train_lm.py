@@ -29,7 +29,7 @@ from conditioning.chroma import ChromaExtractor
 from musicgen_lite import audio_data
 from musicgen_lite.training import checkpoints as ckpt
 from musicgen_lite.training import lm as train_lm
-from musicgen_lite.training import lm_batches, lm_model
+from musicgen_lite.training import lm_batches, lm_config, lm_model
 from musicgen_lite.audio_data import TokenCache, chroma_span, scan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +176,9 @@ def test_caption_augmentation_says_tempo_words_in_plain_english_when_asked():
     as people do, so that "slow" and "fast" mean something to a trained model. Each word keeps to its own
     tempo's phrases; without the option nothing is reworded."""
     from musicgen_lite.data.scores.augment import TEMPO_WORDS
+    from musicgen_lite.training import prior
 
+    assert not lm_config.Config.plain_tempo_words and not prior.build_parser().get_default("plain_tempo_words")  # off
     assert set(lm_batches.PLAIN_TEMPO) == {word for word, _ in TEMPO_WORDS}
     g = torch.Generator().manual_seed(0)
     for word, phrases in lm_batches.PLAIN_TEMPO.items():

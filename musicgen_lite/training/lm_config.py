@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on random subsets and orders of a caption's comma-separated fields (default on)")
     g.add_argument("--plain-tempo-words", action="store_true",
                    help="caption augmentation also says the data builder's tempo words in plain English in half the "
-                   "captions that name one: allegro as fast, quick or lively (default off; see the model card)")
+                   "captions that name one: allegro as fast, quick or lively (with --caption-augment; default off; see the model card)")
     g.add_argument("--opening-seconds", type=float, default=c.opening_seconds,
                    help="length of a segment's opening, where only the text and melody tell which pitches come "
                         f"(default {c.opening_seconds:g})")
