@@ -33,7 +33,8 @@ guidance) with every weight, so on a CPU it is bound by reading the weights from
                      cross-attention output is exactly zero: they skip it
     set_precision    bf16, fp16 or int8 weights: fewer bytes per step, at some cost in exactness
     one-token step   the sampling loop's steps run the layers' arithmetic as one flat function
-                     (one_step.py): no module calls, no head transposes, one embedding lookup
+                     (one_step.py): no module calls, no head transposes, one embedding lookup; a
+                     small fp16 / int8 model records it once per cache and replays it without Python
 
 The sampling loop runs these steps on `TransformerLM.decoding_threads()` intra-op threads: the
 `decode_threads` setting when given, else all that torch is allowed to use, except for a model whose
@@ -51,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .one_step import step_one
+from .one_step import record_step, recordable, step_one
 from .packing import PackedLinear, linear, pack, packed_weight, trim_heap
 from .rows import pack_rows, padded_keys, padded_to_blocks, row_invariant_attention
 from .weight_files import release
@@ -166,6 +167,12 @@ class KVCache:
         self.attending = rows
         self.packed: dict[nn.Module, Tensor] = {}  # Linear -> its weight in oneDNN's layout
         self.embed_table: Tensor | None = None  # [K * (codebook_size + 1), D] a small model's K embedding tables, stacked
+        self.embed_offsets = torch.arange(cfg.num_codebooks, device=device) * (cfg.codebook_size + 1)  # [K] each table's start
+        self.slots = torch.arange(max_len, device=device)  # [max_len] slot (= position) ids
+        self.num_rows = rows
+        self.rows = torch.arange(rows, device=device)  # [N] row ids
+        self.positions = torch.empty(0)  # [max_len, D] the sinusoids of every slot, set by `new_cache`
+        self.step_graph: torch.jit.ScriptModule | None = None  # the recorded one-token step (one_step.py)
 
 
 class SelfAttention(nn.Module):
@@ -407,9 +414,11 @@ class TransformerLM(nn.Module):
             return (everything,)
         return (1, everything) if independent_rows else (1,)
 
+    @torch.no_grad()
     def new_cache(self, conditions: LMConditions, max_steps: int) -> KVCache:
         """A cache for `max_steps` token steps (plus the prefix), with cross keys/values computed once
-        for the rows that can see anything, and (CPU) the step's weights packed for oneDNN."""
+        for the rows that can see anything, and (CPU) the step's weights packed for oneDNN. Decoding
+        state only: nothing in it tracks gradients."""
         rows = conditions.rows
         prefix = 0 if conditions.prefix is None else conditions.prefix.shape[1]
         cache = KVCache(self.cfg, rows, prefix + max_steps, self.dtype, self.device, conditions.independent_rows)
@@ -421,6 +430,7 @@ class TransformerLM(nn.Module):
                 padded = [padded_to_blocks(k, v, cache.cross_bias) for k, v in cache.cross]
                 cache.cross, cache.cross_bias = [(k, v) for k, v, _ in padded], padded[0][2]
         cache.packed = self._packed_weights(rows)
+        cache.positions = self.positions(0, cache.k.shape[3], cache.k)
         if overhead_bound(self.cfg):  # one lookup a step; a large model's tables are read in place, not copied
             cache.embed_table = torch.cat([e.weight for e in self.embed]).detach()
         return cache
@@ -471,6 +481,8 @@ class TransformerLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cache, i, cache.cross[i] if cache.cross else None, cache.cross_bias)
         cache.length += t
+        if cache.step_graph is None and recordable(self, cache, cache.k.shape[3] - cache.length):
+            cache.step_graph = record_step(self, cache)
         h = x.gather(1, last[:, None, None].expand(-1, 1, x.shape[-1]))  # [N, 1, D]
         return self.logits(self.norm(h), cache)[:, :, 0]
 

@@ -6,57 +6,86 @@ single position needs no head transposes ([N, H, 1, hd] is [N, D]) and a small m
 one lookup in their stacked table (a large one reads its K tables in place, not copied). Packed prefix
 rows (`KVCache.lag`) each write and attend at their own position, and independent rows cross-attend
 through `rows.row_invariant_attention`, as in the layers' forward.
+
+A small model's step is a few hundred small operations, and calling them from Python costs more than
+running them. So a cache that has many steps ahead records its step once with `torch.jit.trace`
+(`StepGraph`) and replays the recording: the same operations on the same tensors, in the same order,
+with the Python work gone (about 40 % of the bundled model's step). Everything that changes from step
+to step is an input of the recording: the tokens, the cache slot each row writes, the filled part of
+the cache (its length is read from the view's shape), and the key bias of packed rows. The weights,
+cross-attention memory and tables are the cache's own for its whole life.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from .packing import linear
+from .packing import PackedLinear, linear
 from .rows import padded_keys, row_invariant_attention
 
 if TYPE_CHECKING:
     from .lm import KVCache, TransformerLM
 
+TRACE_AFTER_STEPS = 64  # a cache records its step only when at least this many one-token steps lie ahead
+
 
 def step_one(lm: TransformerLM, tokens: Tensor, cache: KVCache) -> Tensor:
     """`TransformerLM.step` for one new token per row [N, K] after a filled cache -> [N, K, codebook_size] logits."""
+    inputs = step_inputs(lm, cache)
+    if cache.step_graph is None:
+        logits = step_arithmetic(lm, cache, tokens, *inputs)
+    else:
+        with torch.jit.optimized_execution(False):  # replayed as recorded: no profiling runs, no graph rewrites
+            logits = cache.step_graph(tokens, *inputs)
+    cache.length += 1
+    return logits
+
+
+def step_inputs(lm: TransformerLM, cache: KVCache) -> tuple[Tensor, ...]:
+    """What the next one-token step reads besides its tokens: the cache slot of each row ([1], or [N] for
+    packed prefix rows), the keys and values it attends to ([layers, N, H, S, hd] views of the cache)
+    and, for packed rows, their key bias [N, 1, 1, S] (a view of `cache.step_bias`)."""
+    pos, end = cache.length, cache.length + 1
+    if cache.lag is None:
+        return cache.slots[pos:end], cache.k[:, :, :, :end], cache.v[:, :, :, :end]
+    at = pos - cache.lag  # [N] each row at its own position, which is its cache slot; it sees its own filled slots
+    if cache.step_bias is None:  # [N, 1, 1, capacity]: 0 at the slots a row has filled, lowest elsewhere
+        cache.step_bias = lm.key_bias(cache.slots < at[:, None])[:, None, None]
+    keys = padded_keys(end)  # whole key blocks: the cache's unwritten slots are zero, the bias masks them
+    return at, cache.k[:, :, :, :keys], cache.v[:, :, :, :keys], cache.step_bias[..., :keys]
+
+
+def step_arithmetic(lm: TransformerLM, cache: KVCache, tokens: Tensor, at: Tensor, keys: Tensor, values: Tensor,
+                    bias: Tensor | None = None) -> Tensor:
+    """The step itself (see `step_inputs` for its inputs); writes each row's keys and values at its slot."""
     cfg = lm.cfg
-    n, d, heads, eps = tokens.shape[0], cfg.dim, cfg.num_heads, cfg.norm_eps
+    n, d, heads, eps = cache.num_rows, cfg.dim, cfg.num_heads, cfg.norm_eps  # plain ints, constants in a recording
     if cache.embed_table is not None:
-        offsets = torch.arange(cfg.num_codebooks, device=tokens.device) * (cfg.codebook_size + 1)
-        x = F.embedding(tokens + offsets, cache.embed_table).sum(1)  # [N, D]: e_0 + e_1 + ... in order
+        x = F.embedding(tokens + cache.embed_offsets, cache.embed_table).sum(1)  # [N, D]: e_0 + e_1 + ... in order
     else:  # the same sum, each table read where it lies (no stacked copy of a large model's tables)
         x = torch.stack([F.embedding(tokens[:, k], e.weight) for k, e in enumerate(lm.embed)], 1).sum(1)
-    pos, end, rows, bias = cache.length, cache.length + 1, torch.arange(n, device=x.device), None
-    if cache.lag is None:
-        x = x + lm.positions(pos, 1, x)[0]
-    else:  # each row at its own position, which is its cache slot; it sees its own filled slots
-        at = pos - cache.lag  # [N]
-        x = x + lm.positions(0, end, x)[at]
-        if cache.step_bias is None:  # [N, 1, 1, capacity]: 0 at the slots a row has filled, lowest elsewhere
-            slots = torch.arange(cache.k.shape[3], device=x.device)
-            cache.step_bias = lm.key_bias(slots < at[:, None])[:, None, None]
-        cache.step_bias[rows, 0, 0, at] = 0  # the slot each row fills now
-        keys = padded_keys(end)  # whole key blocks: the cache's unwritten slots are zero, the bias masks them
-        bias = cache.step_bias[..., :keys]  # [N, 1, 1, S]
+    x = x + cache.positions[at]  # [N or 1, D]
+    if bias is not None:
+        bias[cache.rows, 0, 0, at] = 0  # the slot each row fills now
     cross_attention = row_invariant_attention if cache.independent_rows else F.scaled_dot_product_attention
     for i, layer in enumerate(lm.layers):
         norm = layer.norm_self
         h = F.layer_norm(x, (d,), norm.weight, norm.bias, eps)
         q, k, v = linear(layer.self_attn.qkv, h, cache).view(n, 3, heads, 1, d // heads).unbind(1)  # [N, H, 1, hd]
+        layer_keys, layer_values = keys[i], values[i]  # [N, H, S, hd]
         if bias is None:
-            cache.k[i, :, :, pos:end] = k
-            cache.v[i, :, :, pos:end] = v
-            y = F.scaled_dot_product_attention(q, cache.k[i, :, :, :end], cache.v[i, :, :, :end])
+            layer_keys.index_copy_(2, at, k)
+            layer_values.index_copy_(2, at, v)
+            y = F.scaled_dot_product_attention(q, layer_keys, layer_values)
         else:
-            cache.k[i][rows, :, at] = k[:, :, 0]
-            cache.v[i][rows, :, at] = v[:, :, 0]
-            y = row_invariant_attention(q, cache.k[i, :, :, :keys], cache.v[i, :, :, :keys], bias)
+            layer_keys[cache.rows, :, at] = k.squeeze(2)
+            layer_values[cache.rows, :, at] = v.squeeze(2)
+            y = row_invariant_attention(q, layer_keys, layer_values, bias)
         x = x + linear(layer.self_attn.out, y.view(n, d), cache)
         if layer.cross_attn is not None and cache.attending:
             a, norm = cache.attending, layer.norm_cross
@@ -68,6 +97,47 @@ def step_one(lm: TransformerLM, tokens: Tensor, cache: KVCache) -> Tensor:
         norm = layer.norm_ffn
         h = F.layer_norm(x, (d,), norm.weight, norm.bias, eps)
         x = x + linear(layer.fc2, layer.act(linear(layer.fc1, h, cache)), cache)
-    cache.length += 1
     h = F.layer_norm(x, (d,), lm.norm.weight, lm.norm.bias, eps)
     return linear(lm.heads, h, cache).view(n, cfg.num_codebooks, cfg.codebook_size)
+
+
+class StepGraph(nn.Module):
+    """`step_arithmetic` of one cache as a module, so that `torch.jit.trace` can record it. Its fp16 / int8
+    layers are submodules, because a recording reaches fbgemm's packed weights only through modules;
+    the LM itself is not (recording a module reads all its parameters, which would unpack the packed ones)."""
+
+    def __init__(self, lm: TransformerLM, cache: KVCache):
+        super().__init__()
+        self.fbgemm_layers = nn.ModuleList(m for m in lm.modules() if isinstance(m, PackedLinear))
+        self.parts = (lm, cache)
+
+    def forward(self, tokens: Tensor, at: Tensor, keys: Tensor, values: Tensor, *bias: Tensor) -> Tensor:
+        return step_arithmetic(*self.parts, tokens, at, keys, values, *bias)
+
+
+def recordable(lm: TransformerLM, cache: KVCache, steps_ahead: int) -> bool:
+    """Whether recording the step pays and can be done: a small model (its step is overhead, not weight
+    reads) on the CPU, many steps ahead, its Linear layers fbgemm's fp16 / int8 ones (oneDNN's packed fp32
+    product takes an argument that a recording cannot hold)."""
+    if steps_ahead < TRACE_AFTER_STEPS or cache.embed_table is None or lm.device.type != "cpu" or lm.training:
+        return False
+    return not any(isinstance(m, nn.Linear) for m in lm.modules())
+
+
+def record_step(lm: TransformerLM, cache: KVCache) -> torch.jit.ScriptModule:
+    """The cache's step, recorded once. The recording run writes the next slot with placeholder tokens;
+    the real step writes it again before anything reads it."""
+    tokens = torch.full((cache.k.shape[1], lm.cfg.num_codebooks), lm.cfg.special_token, device=lm.device)
+    frozen = [p for p in lm.parameters() if p.requires_grad]  # (no nn.Linear to unpack: see `recordable`)
+    for p in frozen:  # constants of a recording must not require grad; they are the same tensors all the same
+        p.requires_grad_(False)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shapes the step never varies are fixed
+            # torch suggests torch.compile or torch.export instead: the one rewrites the arithmetic (other
+            # bits), the other replays in Python (the cost this removes)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.trace(StepGraph(lm, cache), (tokens, *step_inputs(lm, cache)), check_trace=False)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)

@@ -39,7 +39,9 @@ def linear(module: nn.Module, x: Tensor, cache: KVCache | None) -> Tensor:
         return module(x)
     packed = cache.packed.get(module)
     if packed is None:  # decoding: no hooks to run, so the module call's overhead is skipped
-        return module.forward(x)
+        return module.product(x) if x.dim() == 2 and isinstance(module, PackedLinear) else module.forward(x)
+    if x.dim() == 2:  # [rows, in] already: no reshapes
+        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, None, "none", [], "")
     return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -168,12 +170,13 @@ class PackedLinear(nn.Module):
                 self.packed = torch.ops.quantized.linear_prepack(q, None)
 
     def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, self.in_features)
+        return self.product(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+
+    def product(self, flat: Tensor) -> Tensor:
+        """[rows, in] -> [rows, out]."""
         if self.precision == "fp16":
-            y = torch.ops.quantized.linear_dynamic_fp16(flat, self.packed)
-        else:  # reduce_range: 7-bit activations, so that fbgemm's int16 pair sums cannot saturate
-            y = torch.ops.quantized.linear_dynamic(flat, self.packed, True)
-        return y.view(*x.shape[:-1], self.out_features)
+            return torch.ops.quantized.linear_dynamic_fp16(flat, self.packed)
+        return torch.ops.quantized.linear_dynamic(flat, self.packed, True)  # reduce_range: 7-bit activations, so that fbgemm's int16 pair sums cannot saturate
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if self.precision != "fp16":

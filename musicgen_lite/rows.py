@@ -28,7 +28,7 @@ def row_invariant_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None
     of KEY_BLOCK, so that vectorised reductions group a row's keys the same way whatever the padding
     (fused attention kernels do not)."""
     k, v, bias = padded_to_blocks(k, v, bias)
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + bias  # [N, H, T, S]
+    scores = (q @ k.transpose(-1, -2)) * float(q.shape[-1]) ** -0.5 + bias  # [N, H, T, S]; float(): a constant in a recording
     return torch.softmax(scores, dim=-1) @ v
 
 
@@ -37,7 +37,7 @@ def padded_to_blocks(k: Tensor, v: Tensor, bias: Tensor | None) -> tuple[Tensor,
     padded to whole key blocks: zero keys and values, the dtype's lowest bias (a copy only where S falls short)."""
     if bias is None:
         bias = k.new_zeros(1, 1, 1, k.shape[-2])
-    pad = -k.shape[-2] % KEY_BLOCK
+    pad = -int(k.shape[-2]) % KEY_BLOCK  # int(): a recorded step always hands whole blocks, so it records no padding
     if pad:
         k, v, bias = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)), F.pad(bias, (0, pad), value=torch.finfo(k.dtype).min)
     return k, v, bias

@@ -144,3 +144,40 @@ def test_the_one_token_step_gives_the_layers_numbers_exactly(which, independent,
         logits[mode] = step_logits(lm, conditions, tokens, packed=True)
     lm.eval()
     assert torch.equal(logits["fast"], logits["layers"])
+
+
+@pytest.mark.parametrize("independent", [False, True])
+@pytest.mark.parametrize("which", ["musicgen", "melody"])
+def test_the_recorded_step_replays_the_step_exactly(which, independent, tiny_musicgen_dir, tiny_melody_dir, monkeypatch):
+    """A small fp16 model's cache records its one-token step and replays it: the same logits, bit for bit,
+    over enough steps that the filled keys cross a key block (their length is an input of the recording)."""
+    from musicgen_lite import one_step
+
+    lm_model = musicgen_lite.load_model(tiny_musicgen_dir if which == "musicgen" else tiny_melody_dir, precision="fp16")
+    lm_model.batch_like_transformers = not independent
+    lm, conditions = lm_model.lm, lm_model.conditions(CAPTIONS, None, guided=True)
+    tokens = torch.randint(0, lm.cfg.codebook_size, (4, lm.cfg.num_codebooks, 150), generator=torch.Generator().manual_seed(4))
+    prefill, steps = tokens[:, :, :20], tokens.shape[-1] - 20
+    logits = {}
+    for recorded in (True, False):
+        monkeypatch.setattr(one_step, "TRACE_AFTER_STEPS", 64 if recorded else 10**9)
+        cache = lm.new_cache(conditions, tokens.shape[-1])
+        with torch.no_grad():
+            lm.step(prefill, cache, conditions)
+            assert (cache.step_graph is not None) == recorded
+            logits[recorded] = torch.stack([lm.step(tokens[:, :, s : s + 1], cache, conditions) for s in range(20, 20 + steps)])
+    assert torch.equal(logits[True], logits[False])
+
+
+def test_only_a_small_fbgemm_model_with_steps_ahead_records_its_step(tiny_musicgen_dir, model):
+    from musicgen_lite.one_step import TRACE_AFTER_STEPS
+
+    fp16 = musicgen_lite.load_model(tiny_musicgen_dir, precision="fp16")
+    for lm, steps, expected in ((fp16.lm, TRACE_AFTER_STEPS + 1, True), (fp16.lm, TRACE_AFTER_STEPS - 2, False),
+                                (model.lm, TRACE_AFTER_STEPS + 1, False)):  # fp32: oneDNN's product cannot be recorded
+        conditions = fp16.conditions(CAPTIONS, None, guided=True)
+        cache = lm.new_cache(conditions, steps)
+        with torch.no_grad():
+            lm.step(torch.zeros(4, lm.cfg.num_codebooks, 1, dtype=torch.long), cache, conditions)
+        assert (cache.step_graph is not None) == expected
+    assert all(p.requires_grad for p in fp16.lm.parameters())  # recording leaves the parameters as they were
