@@ -102,13 +102,15 @@ def step_arithmetic(lm: TransformerLM, cache: KVCache, tokens: Tensor, at: Tenso
 
 
 class StepGraph(nn.Module):
-    """`step_arithmetic` of one cache as a module, so that `torch.jit.trace` can record it. Its fp16 / int8
-    layers are submodules, because a recording reaches fbgemm's packed weights only through modules;
-    the LM itself is not (recording a module reads all its parameters, which would unpack the packed ones)."""
+    """`step_arithmetic` of one cache as a module, so that `torch.jit.trace` can record it. fbgemm's packed
+    weights are its attributes, because a recording reaches such objects only through the module it
+    records; the LM is not a submodule (recording a module converts every submodule, which costs more
+    than the recording itself)."""
 
     def __init__(self, lm: TransformerLM, cache: KVCache):
         super().__init__()
-        self.fbgemm_layers = nn.ModuleList(m for m in lm.modules() if isinstance(m, PackedLinear))
+        for i, m in enumerate(m for m in lm.modules() if isinstance(m, PackedLinear)):
+            setattr(self, f"fbgemm_{i}", m.packed)
         self.parts = (lm, cache)
 
     def forward(self, tokens: Tensor, at: Tensor, keys: Tensor, values: Tensor, *bias: Tensor) -> Tensor:
