@@ -7,8 +7,10 @@ streamed audio, and the cold command line.
    codec decode) with threads=1, with all the threads torch may use, and with the library default
    (threads=None: the decoding loop times one against all, see musicgen_lite/threads.py), in turn; the
    real-time factor is audio seconds per wall-clock second. The LM steps' share is timed apart.
-2. `generate_stream()`: seconds from the call to the first chunk, and to the last.
-3. A fresh `python generate.py --text ... --duration 10` (cold: imports, model load, generation,
+2. The same with the decoding step recorded (the default, one_step.py) and run from Python
+   (`lm.record_steps = False`), interleaved: how much the recording gains, as a ratio in one run.
+3. `generate_stream()`: seconds from the call to the first chunk, and to the last.
+4. A fresh `python generate.py --text ... --duration 10` (cold: imports, model load, generation,
    loudness, writing), and the same with `--stream --out -` to a pipe (time to the WAV header, to the
    first audio bytes, to the end).
 
@@ -78,6 +80,23 @@ def in_process(seconds: float, runs: int) -> None:
         print(f"default model, {seconds:g} s, {name}: median {seconds / statistics.median(totals[threads]):.1f}x real time ({load()})")
 
 
+def recorded_vs_python(seconds: float, runs: int) -> None:
+    """The recorded decoding step (one_step.py) against the same step run from Python, interleaved in
+    one process with the library defaults: a ratio that the machine's moving speed does not blur."""
+    model = get_model(None)
+    walls = {True: [], False: []}
+    for run in range(2 * runs):
+        for recorded in (True, False) if run % 2 else (False, True):
+            model.lm.record_steps = recorded
+            t = time.perf_counter()
+            musicgen_lite.generate(PROMPT, duration=seconds, seed=run)
+            walls[recorded].append(time.perf_counter() - t)
+    model.lm.record_steps = True
+    rec, py = statistics.median(walls[True]), statistics.median(walls[False])
+    print(f"recorded step vs Python step, {seconds:g} s, library defaults: {seconds / rec:.1f}x vs {seconds / py:.1f}x "
+          f"real time, {py / rec:.2f}x faster (medians of {2 * runs}, interleaved) ({load()})")
+
+
 def first_chunk(seconds: float, runs: int) -> None:
     firsts, lasts = [], []
     for run in range(runs):
@@ -126,6 +145,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}; {load()}")
     in_process(args.seconds, args.runs)
+    recorded_vs_python(args.seconds, args.runs)
     first_chunk(args.seconds, args.runs)
     if not args.no_cli:
         cold_cli(args.seconds, args.runs)

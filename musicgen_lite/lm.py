@@ -293,6 +293,8 @@ class TransformerLM(nn.Module):
         # intra-op threads of the sampling loop on a CPU; None: decoding_threads() chooses. A `threads`
         # argument of the sampling loop wins over it.
         self.decode_threads: int | None = None
+        # whether a small fp16 / int8 model's cache records its one-token step and replays it (one_step.py)
+        self.record_steps = True
         self.embed = nn.ModuleList(nn.Embedding(cfg.codebook_size + 1, cfg.dim) for _ in range(cfg.num_codebooks))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)

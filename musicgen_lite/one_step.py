@@ -118,10 +118,10 @@ class StepGraph(nn.Module):
 
 
 def recordable(lm: TransformerLM, cache: KVCache, steps_ahead: int) -> bool:
-    """Whether recording the step pays and can be done: a small model (its step is overhead, not weight
+    """Whether recording the step is wanted (`lm.record_steps`), pays and can be done: a small model (its step is overhead, not weight
     reads) on the CPU, many steps ahead, its Linear layers fbgemm's fp16 / int8 ones (oneDNN's packed fp32
     product takes an argument that a recording cannot hold)."""
-    if steps_ahead < TRACE_AFTER_STEPS or cache.embed_table is None or lm.device.type != "cpu" or lm.training:
+    if not lm.record_steps or steps_ahead < TRACE_AFTER_STEPS or cache.embed_table is None or lm.device.type != "cpu" or lm.training:
         return False
     return not any(isinstance(m, nn.Linear) for m in lm.modules())
 

@@ -148,11 +148,9 @@ def test_the_one_token_step_gives_the_layers_numbers_exactly(which, independent,
 
 @pytest.mark.parametrize("independent", [False, True])
 @pytest.mark.parametrize("which", ["musicgen", "melody"])
-def test_the_recorded_step_replays_the_step_exactly(which, independent, tiny_musicgen_dir, tiny_melody_dir, monkeypatch):
+def test_the_recorded_step_replays_the_step_exactly(which, independent, tiny_musicgen_dir, tiny_melody_dir):
     """A small fp16 model's cache records its one-token step and replays it: the same logits, bit for bit,
     over enough steps that the filled keys cross a key block (their length is an input of the recording)."""
-    from musicgen_lite import one_step
-
     lm_model = musicgen_lite.load_model(tiny_musicgen_dir if which == "musicgen" else tiny_melody_dir, precision="fp16")
     lm_model.batch_like_transformers = not independent
     lm, conditions = lm_model.lm, lm_model.conditions(CAPTIONS, None, guided=True)
@@ -160,7 +158,7 @@ def test_the_recorded_step_replays_the_step_exactly(which, independent, tiny_mus
     prefill, steps = tokens[:, :, :20], tokens.shape[-1] - 20
     logits = {}
     for recorded in (True, False):
-        monkeypatch.setattr(one_step, "TRACE_AFTER_STEPS", 64 if recorded else 10**9)
+        lm.record_steps = recorded
         cache = lm.new_cache(conditions, tokens.shape[-1])
         with torch.no_grad():
             lm.step(prefill, cache, conditions)
