@@ -146,12 +146,13 @@ def test_the_one_token_step_gives_the_layers_numbers_exactly(which, independent,
     assert torch.equal(logits["fast"], logits["layers"])
 
 
-@pytest.mark.parametrize("independent", [False, True])
-@pytest.mark.parametrize("which", ["musicgen", "melody"])
-def test_the_recorded_step_replays_the_step_exactly(which, independent, tiny_musicgen_dir, tiny_melody_dir):
-    """A small fp16 model's cache records its one-token step and replays it: the same logits, bit for bit,
-    over enough steps that the filled keys cross a key block (their length is an input of the recording)."""
-    lm_model = musicgen_lite.load_model(tiny_musicgen_dir if which == "musicgen" else tiny_melody_dir, precision="fp16")
+@pytest.mark.parametrize("which, independent, precision", [("musicgen", False, "fp16"), ("musicgen", True, "fp16"),
+                                                            ("melody", False, "fp16"), ("melody", True, "fp16"),
+                                                            ("melody", True, "int8")])
+def test_the_recorded_step_replays_the_step_exactly(which, independent, precision, tiny_musicgen_dir, tiny_melody_dir):
+    """A small fp16 / int8 model's cache records its one-token step and replays it: the same logits, bit for
+    bit, over enough steps that the filled keys cross a key block (their length is an input of the recording)."""
+    lm_model = musicgen_lite.load_model(tiny_musicgen_dir if which == "musicgen" else tiny_melody_dir, precision=precision)
     lm_model.batch_like_transformers = not independent
     lm, conditions = lm_model.lm, lm_model.conditions(CAPTIONS, None, guided=True)
     tokens = torch.randint(0, lm.cfg.codebook_size, (4, lm.cfg.num_codebooks, 150), generator=torch.Generator().manual_seed(4))
