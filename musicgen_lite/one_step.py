@@ -31,7 +31,7 @@ from .rows import padded_keys, row_invariant_attention
 if TYPE_CHECKING:
     from .lm import KVCache, TransformerLM
 
-TRACE_AFTER_STEPS = 64  # a cache records its step only when at least this many one-token steps lie ahead
+RECORD_MIN_STEPS = 64  # a cache records its step only when at least this many one-token steps lie ahead
 
 
 def step_one(lm: TransformerLM, tokens: Tensor, cache: KVCache) -> Tensor:
@@ -118,10 +118,12 @@ class StepGraph(nn.Module):
 
 
 def recordable(lm: TransformerLM, cache: KVCache, steps_ahead: int) -> bool:
-    """Whether recording the step is wanted (`lm.record_steps`), pays and can be done: a small model (its step is overhead, not weight
-    reads) on the CPU, many steps ahead, its Linear layers fbgemm's fp16 / int8 ones (oneDNN's packed fp32
-    product takes an argument that a recording cannot hold)."""
-    if not lm.record_steps or steps_ahead < TRACE_AFTER_STEPS or cache.embed_table is None or lm.device.type != "cpu" or lm.training:
+    """Whether recording the step is wanted (`lm.record_steps`), pays and can be done: a small model (its
+    step is overhead, not weight reads) on the CPU, many steps ahead, its Linear layers fbgemm's fp16 /
+    int8 ones (oneDNN's packed fp32 product takes an argument that a recording cannot hold)."""
+    if not lm.record_steps or lm.training or lm.device.type != "cpu" or cache.embed_table is None:
+        return False
+    if steps_ahead < RECORD_MIN_STEPS:
         return False
     return not any(isinstance(m, nn.Linear) for m in lm.modules())
 

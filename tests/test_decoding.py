@@ -169,11 +169,11 @@ def test_the_recorded_step_replays_the_step_exactly(which, independent, precisio
 
 
 def test_only_a_small_fbgemm_model_with_steps_ahead_records_its_step(tiny_musicgen_dir, model):
-    from musicgen_lite.one_step import TRACE_AFTER_STEPS
+    from musicgen_lite.one_step import RECORD_MIN_STEPS
 
     fp16 = musicgen_lite.load_model(tiny_musicgen_dir, precision="fp16")
-    for lm, steps, expected in ((fp16.lm, TRACE_AFTER_STEPS + 1, True), (fp16.lm, TRACE_AFTER_STEPS - 2, False),
-                                (model.lm, TRACE_AFTER_STEPS + 1, False)):  # fp32: oneDNN's product cannot be recorded
+    for lm, steps, expected in ((fp16.lm, RECORD_MIN_STEPS + 1, True), (fp16.lm, RECORD_MIN_STEPS - 2, False),
+                                (model.lm, RECORD_MIN_STEPS + 1, False)):  # fp32: oneDNN's product cannot be recorded
         conditions = fp16.conditions(CAPTIONS, None, guided=True)
         cache = lm.new_cache(conditions, steps)
         with torch.no_grad():
