@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .one_step import record_step, recordable, step_one
+from .one_step import recordable, recorded_step, step_one
 from .packing import PackedLinear, linear, pack, packed_weight, trim_heap
 from .rows import pack_rows, padded_keys, padded_to_blocks, row_invariant_attention
 from .weight_files import release
@@ -172,7 +172,7 @@ class KVCache:
         self.num_rows = rows
         self.rows = torch.arange(rows, device=device)  # [N] row ids
         self.positions = torch.empty(0)  # [max_len, D] the sinusoids of every slot, set by `new_cache`
-        self.step_graph: torch.jit.ScriptModule | None = None  # the recorded one-token step (one_step.py)
+        self.step_graph: torch.jit.ScriptModule | None = None  # the recorded one-token step of its layout (one_step.py)
 
 
 class SelfAttention(nn.Module):
@@ -484,7 +484,7 @@ class TransformerLM(nn.Module):
             x = layer(x, cache, i, cache.cross[i] if cache.cross else None, cache.cross_bias)
         cache.length += t
         if cache.step_graph is None and recordable(self, cache, cache.k.shape[3] - cache.length):
-            cache.step_graph = record_step(self, cache)
+            cache.step_graph = recorded_step(self, cache)
         h = x.gather(1, last[:, None, None].expand(-1, 1, x.shape[-1]))  # [N, 1, D]
         return self.logits(self.norm(h), cache)[:, :, 0]
 

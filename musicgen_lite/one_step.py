@@ -8,17 +8,21 @@ rows (`KVCache.lag`) each write and attend at their own position, and independen
 through `rows.row_invariant_attention`, as in the layers' forward.
 
 A small model's step is a few hundred small operations, and calling them from Python costs more than
-running them. So a cache that has many steps ahead records its step once with `torch.jit.trace`
-(`StepGraph`) and replays the recording: the same operations on the same tensors, in the same order,
-with the Python work gone (about 40 % of the bundled model's step). Everything that changes from step
-to step is an input of the recording: the tokens, the cache slot each row writes, the filled part of
-the cache (its length is read from the view's shape), and the key bias of packed rows. The weights,
-cross-attention memory and tables are the cache's own for its whole life.
+running them. So the step of a cache with many steps ahead is recorded with `torch.jit.trace`
+(`StepGraph`) and replayed: the same operations on the same tensors, in the same order, with the
+Python work gone (about 40 % of the bundled model's step). Everything that belongs to a cache is an
+input of the recording, so that one recording serves every cache of the same layout (rows, packing,
+cross-attending rows): the tokens, the cache slot each row writes, the filled part of the cache (its
+length is read from the view's shape), the key bias of packed rows, and the cache's tables and
+cross-attention memory. Only the LM's own weights are constants of it. (A recording is never freed:
+torch keeps traced graphs, and the constants in them, for the life of the process. So recordings are
+kept per LM and layout, and made once.)
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,7 +45,7 @@ def step_one(lm: TransformerLM, tokens: Tensor, cache: KVCache) -> Tensor:
         logits = step_arithmetic(lm, cache, tokens, *inputs)
     else:
         with torch.jit.optimized_execution(False):  # replayed as recorded: no profiling runs, no graph rewrites
-            logits = cache.step_graph(tokens, *inputs)
+            logits = cache.step_graph(tokens, cache_tensors(cache), *inputs)
     cache.length += 1
     return logits
 
@@ -58,6 +62,13 @@ def step_inputs(lm: TransformerLM, cache: KVCache) -> tuple[Tensor, ...]:
         cache.step_bias = lm.key_bias(cache.slots < at[:, None])[:, None, None]
     keys = padded_keys(end)  # whole key blocks: the cache's unwritten slots are zero, the bias masks them
     return at, cache.k[:, :, :, :keys], cache.v[:, :, :, :keys], cache.step_bias[..., :keys]
+
+
+def cache_tensors(cache: KVCache) -> tuple[Tensor, ...]:
+    """The cache's own tensors that the step reads, handed to a recording as inputs."""
+    cross = [t for kv in cache.cross or () for t in kv]
+    cross_bias = () if cache.cross_bias is None else (cache.cross_bias,)
+    return cache.embed_table, cache.embed_offsets, cache.positions, cache.rows, *cross, *cross_bias
 
 
 def step_arithmetic(lm: TransformerLM, cache: KVCache, tokens: Tensor, at: Tensor, keys: Tensor, values: Tensor,
@@ -102,19 +113,28 @@ def step_arithmetic(lm: TransformerLM, cache: KVCache, tokens: Tensor, at: Tenso
 
 
 class StepGraph(nn.Module):
-    """`step_arithmetic` of one cache as a module, so that `torch.jit.trace` can record it. fbgemm's packed
-    weights are its attributes, because a recording reaches such objects only through the module it
-    records; the LM is not a submodule (recording a module converts every submodule, which costs more
-    than the recording itself)."""
+    """`step_arithmetic` as a module, so that `torch.jit.trace` can record it. fbgemm's packed weights are
+    its attributes, because a recording reaches such objects only through the module it records; the LM
+    is not a submodule (recording a module converts every submodule, which costs more than the recording
+    itself). `state` is `cache_tensors(cache)` of the cache it records: the arithmetic reads those same
+    tensors from the cache, and the recording, which knows tensors by identity, takes them as inputs."""
 
     def __init__(self, lm: TransformerLM, cache: KVCache):
         super().__init__()
-        for i, m in enumerate(m for m in lm.modules() if isinstance(m, PackedLinear)):
+        for i, m in enumerate(fbgemm_layers(lm)):
             setattr(self, f"fbgemm_{i}", m.packed)
         self.parts = (lm, cache)
 
-    def forward(self, tokens: Tensor, at: Tensor, keys: Tensor, values: Tensor, *bias: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, state: tuple[Tensor, ...], at: Tensor, keys: Tensor, values: Tensor,
+                *bias: Tensor) -> Tensor:
         return step_arithmetic(*self.parts, tokens, at, keys, values, *bias)
+
+
+def fbgemm_layers(lm: TransformerLM) -> list[PackedLinear]:
+    return [m for m in lm.modules() if isinstance(m, PackedLinear)]
+
+
+RECORDINGS: weakref.WeakKeyDictionary[TransformerLM, dict[tuple, torch.jit.ScriptModule]] = weakref.WeakKeyDictionary()
 
 
 def recordable(lm: TransformerLM, cache: KVCache, steps_ahead: int) -> bool:
@@ -128,10 +148,19 @@ def recordable(lm: TransformerLM, cache: KVCache, steps_ahead: int) -> bool:
     return not any(isinstance(m, nn.Linear) for m in lm.modules())
 
 
-def record_step(lm: TransformerLM, cache: KVCache) -> torch.jit.ScriptModule:
-    """The cache's step, recorded once. The recording run writes the next slot with placeholder tokens;
-    the real step writes it again before anything reads it."""
-    tokens = torch.full((cache.k.shape[1], lm.cfg.num_codebooks), lm.cfg.special_token, device=lm.device)
+def recorded_step(lm: TransformerLM, cache: KVCache) -> torch.jit.ScriptModule:
+    """The recording for the cache's layout, made on first need. Making it runs the step once on the
+    next slot with placeholder tokens; the real step writes that slot again before anything reads it."""
+    layout = (cache.num_rows, cache.attending, cache.independent_rows, cache.lag is None, cache.cross_bias is None,
+              tuple(id(m.packed) for m in fbgemm_layers(lm)))  # the recording holds those, so their ids stay theirs
+    recordings = RECORDINGS.setdefault(lm, {})
+    if layout not in recordings:
+        recordings[layout] = record(lm, cache)
+    return recordings[layout]
+
+
+def record(lm: TransformerLM, cache: KVCache) -> torch.jit.ScriptModule:
+    tokens = torch.full((cache.num_rows, lm.cfg.num_codebooks), lm.cfg.special_token, device=lm.device)
     frozen = [p for p in lm.parameters() if p.requires_grad]  # (no nn.Linear to unpack: see `recordable`)
     for p in frozen:  # constants of a recording must not require grad; they are the same tensors all the same
         p.requires_grad_(False)
@@ -141,7 +170,8 @@ def record_step(lm: TransformerLM, cache: KVCache) -> torch.jit.ScriptModule:
             # torch suggests torch.compile or torch.export instead: the one rewrites the arithmetic (other
             # bits), the other replays in Python (the cost this removes)
             warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.trace(StepGraph(lm, cache), (tokens, *step_inputs(lm, cache)), check_trace=False)
+            inputs = (tokens, cache_tensors(cache), *step_inputs(lm, cache))
+            return torch.jit.trace(StepGraph(lm, cache), inputs, check_trace=False)
     finally:
         for p in frozen:
             p.requires_grad_(True)

@@ -180,3 +180,25 @@ def test_only_a_small_fbgemm_model_with_steps_ahead_records_its_step(tiny_musicg
             lm.step(torch.zeros(4, lm.cfg.num_codebooks, 1, dtype=torch.long), cache, conditions)
         assert (cache.step_graph is not None) == expected
     assert all(p.requires_grad for p in fp16.lm.parameters())  # recording leaves the parameters as they were
+
+
+@pytest.mark.parametrize("which", ["musicgen", "melody"])
+def test_one_recording_serves_every_cache_of_its_layout(which, tiny_musicgen_dir, tiny_melody_dir):
+    """Clips with other texts (other prefix or cross-attention lengths) replay the first clip's recording,
+    exactly: a recording holds none of a cache's tensors, so memory does not grow clip by clip."""
+    fp16 = musicgen_lite.load_model(tiny_musicgen_dir if which == "musicgen" else tiny_melody_dir, precision="fp16")
+    lm = fp16.lm
+    tokens = torch.randint(0, lm.cfg.codebook_size, (4, lm.cfg.num_codebooks, 80), generator=torch.Generator().manual_seed(5))
+    graphs = []
+    for captions in (CAPTIONS, ["a slow romantic nocturne in D flat major with a singing melody over broken chords", "x"]):
+        conditions = fp16.conditions(captions, None, guided=True)
+        logits = {}
+        for recorded in (True, False):
+            lm.record_steps = recorded
+            cache = lm.new_cache(conditions, tokens.shape[-1])
+            with torch.no_grad():
+                logits[recorded] = torch.stack([lm.step(tokens[:, :, s : s + 1], cache, conditions) for s in range(tokens.shape[-1])])
+            if recorded:
+                graphs.append(cache.step_graph)
+        assert torch.equal(logits[True], logits[False])
+    assert graphs[0] is not None and graphs[0] is graphs[1]
