@@ -160,6 +160,7 @@ def recorded_step(lm: TransformerLM, cache: KVCache) -> torch.jit.ScriptModule:
 
 
 def record(lm: TransformerLM, cache: KVCache) -> torch.jit.ScriptModule:
+    """`torch.jit.trace` of the cache's step, the LM's parameters held as constants (see `StepGraph`)."""
     tokens = torch.full((cache.num_rows, lm.cfg.num_codebooks), lm.cfg.special_token, device=lm.device)
     frozen = [p for p in lm.parameters() if p.requires_grad]  # (no nn.Linear to unpack: see `recordable`)
     for p in frozen:  # constants of a recording must not require grad; they are the same tensors all the same

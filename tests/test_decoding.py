@@ -182,11 +182,13 @@ def test_only_a_small_fbgemm_model_with_steps_ahead_records_its_step(tiny_musicg
     assert all(p.requires_grad for p in fp16.lm.parameters())  # recording leaves the parameters as they were
 
 
+@pytest.mark.parametrize("independent", [False, True])
 @pytest.mark.parametrize("which", ["musicgen", "melody"])
-def test_one_recording_serves_every_cache_of_its_layout(which, tiny_musicgen_dir, tiny_melody_dir):
+def test_one_recording_serves_every_cache_of_its_layout(which, independent, tiny_musicgen_dir, tiny_melody_dir):
     """Clips with other texts (other prefix or cross-attention lengths) replay the first clip's recording,
     exactly: a recording holds none of a cache's tensors, so memory does not grow clip by clip."""
     fp16 = musicgen_lite.load_model(tiny_musicgen_dir if which == "musicgen" else tiny_melody_dir, precision="fp16")
+    fp16.batch_like_transformers = not independent
     lm = fp16.lm
     tokens = torch.randint(0, lm.cfg.codebook_size, (4, lm.cfg.num_codebooks, 80), generator=torch.Generator().manual_seed(5))
     graphs = []
