@@ -21,6 +21,7 @@ kept per LM and layout, and made once.)
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from typing import TYPE_CHECKING
@@ -135,6 +136,7 @@ def fbgemm_layers(lm: TransformerLM) -> list[PackedLinear]:
 
 
 RECORDINGS: weakref.WeakKeyDictionary[TransformerLM, dict[tuple, torch.jit.ScriptModule]] = weakref.WeakKeyDictionary()
+RECORDING = threading.Lock()  # one recording at a time: making one switches the LM's requires_grad off and on
 
 
 def recordable(lm: TransformerLM, cache: KVCache, steps_ahead: int) -> bool:
@@ -153,10 +155,11 @@ def recorded_step(lm: TransformerLM, cache: KVCache) -> torch.jit.ScriptModule:
     next slot with placeholder tokens; the real step writes that slot again before anything reads it."""
     layout = (cache.num_rows, cache.attending, cache.independent_rows, cache.lag is None, cache.cross_bias is None,
               tuple(id(m.packed) for m in fbgemm_layers(lm)))  # the recording holds those, so their ids stay theirs
-    recordings = RECORDINGS.setdefault(lm, {})
-    if layout not in recordings:
-        recordings[layout] = record(lm, cache)
-    return recordings[layout]
+    with RECORDING:
+        recordings = RECORDINGS.setdefault(lm, {})
+        if layout not in recordings:
+            recordings[layout] = record(lm, cache)
+        return recordings[layout]
 
 
 def record(lm: TransformerLM, cache: KVCache) -> torch.jit.ScriptModule:

@@ -2,6 +2,7 @@
 
 import copy
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 import musicgen_lite
 from musicgen_lite.lm import attending_rows
+from musicgen_lite.one_step import RECORDINGS
 from musicgen_lite.packing import packed_weight
 
 CAPTIONS = ["mozart sonata allegro in a bright major key with fast runs", "sad adagio"]
@@ -204,3 +206,23 @@ def test_one_recording_serves_every_cache_of_its_layout(which, independent, tiny
                 graphs.append(cache.step_graph)
         assert torch.equal(logits[True], logits[False])
     assert graphs[0] is not None and graphs[0] is graphs[1]
+
+
+def test_clips_generated_from_two_threads_at_once_share_one_recording(tiny_musicgen_dir):
+    """A web page serves requests in threads: two first clips at once record one step and both come out
+    as they do one after the other."""
+    reference = musicgen_lite.load_model(tiny_musicgen_dir, precision="fp16")
+    expected = [musicgen_lite.generate(CAPTIONS[i], duration=2.0, model=reference, seed=i).tokens for i in range(2)]
+    fresh = musicgen_lite.load_model(tiny_musicgen_dir, precision="fp16")
+    results = [None, None]
+
+    def run(i):
+        results[i] = musicgen_lite.generate(CAPTIONS[i], duration=2.0, model=fresh, seed=i).tokens
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(np.array_equal(a, b) for a, b in zip(results, expected))
+    assert len(RECORDINGS[fresh.lm]) == 1 and all(p.requires_grad for p in fresh.lm.parameters())
