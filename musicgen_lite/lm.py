@@ -40,7 +40,7 @@ The sampling loop runs these steps on `TransformerLM.decoding_threads()` intra-o
 `decode_threads` setting when given, else all that torch is allowed to use, except for a model whose
 step reads less than SMALL_STEP_BYTES of weights: that step is bound by per-operation overhead, and
 whether more threads help it depends on the machine's load, so the loop times one thread against all
-(the bundled model, 2 cores: idle, 10x real time on two threads and 7x on one; busy, the reverse).
+(the bundled model, 2 cores: idle, 13x real time on two threads and 10x on one; busy, the reverse).
 """
 
 from __future__ import annotations
