@@ -39,7 +39,7 @@ def linear(module: nn.Module, x: Tensor, cache: KVCache | None) -> Tensor:
         return module(x)
     packed = cache.packed.get(module)
     if packed is None:  # decoding: no hooks to run, so the module call's overhead is skipped
-        return module.product(x) if x.dim() == 2 and isinstance(module, PackedLinear) else module.forward(x)
+        return module.forward(x)
     if x.dim() == 2:  # [rows, in] already: no reshapes
         return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, None, "none", [], "")
@@ -170,6 +170,8 @@ class PackedLinear(nn.Module):
                 self.packed = torch.ops.quantized.linear_prepack(q, None)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2:  # [rows, in] already (the decoding step's case): no reshapes
+            return self.product(x)
         return self.product(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
 
     def product(self, flat: Tensor) -> Tensor:
