@@ -34,7 +34,7 @@ guidance) with every weight, so on a CPU it is bound by reading the weights from
     set_precision    bf16, fp16 or int8 weights: fewer bytes per step, at some cost in exactness
     one-token step   the sampling loop's steps run the layers' arithmetic as one flat function
                      (one_step.py): no module calls, no head transposes, one embedding lookup; a
-                     small fp16 / int8 model records it once per cache and replays it without Python
+                     small fp16 / int8 model records it once per batch layout and replays it without Python
 
 The sampling loop runs these steps on `TransformerLM.decoding_threads()` intra-op threads: the
 `decode_threads` setting when given, else all that torch is allowed to use, except for a model whose
