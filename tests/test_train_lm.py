@@ -30,6 +30,7 @@ from musicgen_lite import audio_data
 from musicgen_lite.training import checkpoints as ckpt
 from musicgen_lite.training import lm as train_lm
 from musicgen_lite.training import lm_batches, lm_config, lm_model
+from musicgen_lite.training.retarget import code_counts, retarget
 from musicgen_lite.audio_data import TokenCache, chroma_span, scan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,6 +244,90 @@ def test_finetune_a_transformers_checkpoint(tiny_musicgen_dir, data_dir, tmp_pat
         assert torch.equal(a, b), f"the pretrained T5 is frozen by default, but {name} changed"
     res = musicgen_lite.generate("mozart sonata allegro", duration=0.2, model=tuned, seed=0)
     assert res.tokens.shape == (1, 4, 10)
+
+
+def relabelled_codec(codec_dir: Path, seed: int = 0) -> tuple[EncodecCodec, list[torch.Tensor]]:
+    """The codec with each codebook's codewords in another order: the same audio under other codes. Returns
+    it and, per codebook, the map old code -> new code."""
+    codec = EncodecCodec.from_pretrained(codec_dir)
+    g = torch.Generator().manual_seed(seed)
+    orders = [torch.randperm(codec.codebook_size, generator=g) for _ in range(codec.num_codebooks)]
+    with torch.no_grad():
+        for layer, order in zip(codec.model.quantizer.layers, orders):
+            for name in ("embed", "embed_avg", "cluster_size"):
+                buffer = getattr(layer.codebook, name)
+                buffer.copy_(buffer[order])
+    return codec, [torch.argsort(order) for order in orders]
+
+
+@pytest.fixture(scope="module")
+def noise_data_and_codec(codec_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """Six files of noise whose loudness and colour change every 20 ms, and the tiny codec with its codewords
+    drawn from those files' own latents, so that the noise uses most of every codebook (the random codec
+    codes everything with one or two codewords)."""
+    d = tmp_path_factory.mktemp("noise")
+    rng = np.random.default_rng(0)
+    clips = []
+    for i in range(6):
+        white = rng.standard_normal(SR * 2)
+        tilt = np.repeat(rng.uniform(0, 0.95, 100), 640)  # one-pole low-pass, a new colour every frame
+        x = np.zeros_like(white)
+        for n in range(1, len(x)):
+            x[n] = tilt[n] * x[n - 1] + white[n]
+        x = (x / np.abs(x).max() * np.repeat(rng.uniform(0.05, 0.9, 100), 640)).astype(np.float32)
+        sf.write(d / f"noise{i}.wav", x, SR)
+        clips.append(torch.from_numpy(x))
+    codec = EncodecCodec.from_pretrained(codec_dir)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        residual = codec.model.encoder(torch.stack(clips)[:, None])  # [B, D, T]
+        for layer in codec.model.quantizer.layers:  # farthest-point picks: each codeword far from the others
+            frames = residual.transpose(1, 2).reshape(-1, residual.shape[1])  # [B * T, D]
+            picks = [int(torch.randint(frames.shape[0], (1,), generator=g))]
+            for _ in range(codec.codebook_size - 1):
+                picks.append(int(torch.cdist(frames, frames[picks]).amin(dim=1).argmax()))
+            layer.codebook.embed.copy_(frames[picks])
+            residual = residual - layer.decode(layer.encode(residual))
+    out = tmp_path_factory.mktemp("fitted_codec")
+    codec.save_pretrained(out)
+    return d, out
+
+
+def test_a_model_moved_onto_a_relabelled_codec_plays_the_same_music(tiny_musicgen_dir, noise_data_and_codec):
+    """Co-occurrence of a relabelling is a permutation, so the moved LM gives each new code its old partner's
+    embedding and logit: greedy decoding picks the partners of the old codes, and the audio is the same."""
+    data, fitted = noise_data_and_codec
+    model = musicgen_lite.load_model(tiny_musicgen_dir, precision="fp32")
+    model.codec = EncodecCodec.from_pretrained(fitted)
+    codec, new_code = relabelled_codec(fitted)
+    before = musicgen_lite.generate(["mozart sonata", "a slow chorale"], duration=0.6, model=model, seed=0, top_k=1)
+    counts = code_counts(model.codec, codec, scan(data, 0.0), 60.0)  # [K, new, old]
+    assert all((counts[k].sum(dim=1) > 0).all() for k in range(4)), "every code must be seen for this test"
+    agree = retarget(model, codec, scan(data, 0.0))
+    assert agree.tolist() == [1.0] * 4 and model.codec is codec
+    after = musicgen_lite.generate(["mozart sonata", "a slow chorale"], duration=0.6, model=model, seed=0, top_k=1)
+    for k in range(4):
+        assert np.array_equal(after.tokens[:, k], new_code[k][before.tokens[:, k]].numpy())
+    np.testing.assert_allclose(after.audio, before.audio, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_train_py_moves_a_model_onto_another_codec_and_fine_tunes_it_there(tiny_musicgen_dir, codec_dir, data_dir,
+                                                                         tmp_path, capsys):
+    other = tmp_path / "other_codec"
+    relabelled_codec(codec_dir, seed=1)[0].save_pretrained(other)
+    run = tmp_path / "run"
+    assert train("--data", data_dir, "--out", run, "--model", tiny_musicgen_dir, "--codec", other, "--max-steps", 2,
+                 "--eval-every", 2, *FAST) == 0
+    assert "of frames (per codebook)" in capsys.readouterr().out
+    moved = musicgen_lite.load_model(run)
+    codebook = moved.codec.model.quantizer.layers[0].codebook.embed
+    assert torch.equal(codebook, EncodecCodec.from_pretrained(other).model.quantizer.layers[0].codebook.embed)
+    assert musicgen_lite.generate("mozart sonata", duration=0.2, model=moved, seed=0).tokens.shape == (1, 4, 10)
+    # rerunning the command resumes; the same run with another codec is refused
+    assert train("--data", data_dir, "--out", run, "--model", tiny_musicgen_dir, "--codec", codec_dir,
+                 "--max-steps", 2, *FAST) == 2
+    assert "was started with --codec" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -2,13 +2,15 @@
 
     python train.py lm --data DIR --out RUN --codec CODEC_DIR --preset small-cpu   # from scratch
     python train.py lm --data DIR --out RUN --model path/to/musicgen-small         # fine-tune
+    python train.py lm --data DIR --out RUN --model MODEL --codec CODEC_DIR         # move onto another codec
     torchrun --nproc_per_node=4 train.py lm --data DIR --out RUN ...               # data parallel
 
 Top to bottom:
   1. scan DIR (captions, train/valid/test by file) and encode every file once with the codec
      into a token cache (musicgen_lite.audio_data), so that epochs read tokens, not audio
   2. RUN/checkpoints/base: the model every checkpoint of the run applies to (architecture, codec,
-     tokenizer), written on the first run from --model, or from --preset + --codec + a T5
+     tokenizer), written on the first run from --model (moved onto --codec if given: retarget.py),
+     or from --preset + --codec + a T5
   3. resume from the newest readable RUN/checkpoints/step-*.pt (or start at step 0)
   4. each step: B segments of codes [B, K, T] -> the model's pattern [B, K, S]; the LM reads steps
      [:-1] and is scored on steps [1:] with one cross-entropy per codebook, only where a slot holds
@@ -370,7 +372,7 @@ def train(cfg: Config) -> int:
         raise UsageError(str(e)) from None
 
     # 1. the model this run trains (written once, by the main process)
-    error, lock = None, RunLock(run, PROG)
+    error, note, lock = None, None, RunLock(run, PROG)
     if d.main:
         fresh = not run.exists()
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -382,7 +384,7 @@ def train(cfg: Config) -> int:
             remove_leftovers(run)
             try:
                 if not (base / "config.json").is_file():
-                    build_base(cfg, files, base)
+                    note = build_base(cfg, files, base)
                 check_architecture(cfg, run)
             except UsageError as e:
                 error = str(e)
@@ -397,6 +399,8 @@ def train(cfg: Config) -> int:
     model.text.freeze = not cfg.train_text_encoder
     model.text.encoder.requires_grad_(not model.text.freeze)
     log = RunLog(run / "log.csv", log_columns(model.lm.cfg.num_codebooks), d.main, cfg.tensorboard)
+    if note:
+        log.line(note)
     if lock.previous:
         log.line(f"taking over the lock of a run that ended without releasing it ({lock.previous})")
 

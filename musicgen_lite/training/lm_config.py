@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "MusicGen / MusicGen-Melody checkpoint directory")
     g.add_argument("--preset", choices=sorted(PRESETS), help=f"model size when training from scratch (default "
                    f"{DEFAULT_PRESET}): " + ", ".join(f"{k} ({v.dim}x{v.layers})" for k, v in PRESETS.items()))
-    g.add_argument("--codec", help="trained codec directory (transformers EncodecModel format); required from scratch")
+    g.add_argument("--codec", help="trained codec directory (transformers EncodecModel format); required from scratch. "
+                   "With --model: move that model onto this codec (its code embeddings and heads start from code "
+                   "co-occurrence on the training audio) and fine-tune it there")
     g.add_argument("--text-encoder", help="pretrained T5 directory (with tokenizer) for a model trained from "
                    "scratch; default: a small T5 with a tokenizer built from the captions, trained jointly")
     g.add_argument("--melody", action="store_true", help="train a MusicGen-Melody-style model conditioned on "
@@ -188,7 +190,7 @@ def parse_args(argv: list[str] | None) -> Config:
     if cfg.num_workers < 0 or (cfg.warmup_steps is not None and cfg.warmup_steps < 0) or cfg.weight_decay < 0:
         raise UsageError("--num-workers, --warmup-steps and --weight-decay must be >= 0")
     if cfg.model is not None:
-        for flag, value in {"--preset": cfg.preset, "--codec": cfg.codec, "--text-encoder": cfg.text_encoder}.items():
+        for flag, value in {"--preset": cfg.preset, "--text-encoder": cfg.text_encoder}.items():
             if value is not None:
                 raise UsageError(f"{flag} applies to training from scratch; --model brings its own")
     elif cfg.codec is None:

@@ -24,6 +24,7 @@ from ..lm import LMConfig, TransformerLM
 from ..model import MusicGen, layout_conditions
 from .lm_batches import chroma_frames
 from .lm_config import PRESETS, TOKENIZER_VOCAB, Config
+from .retarget import retarget
 
 
 def init_weights(lm: TransformerLM) -> None:
@@ -34,8 +35,16 @@ def init_weights(lm: TransformerLM) -> None:
             nn.init.normal_(p, 0.0, std)
 
 
-def build_base(cfg: Config, files: list[AudioFile], path: Path) -> None:
-    """Write the run's starting model to `path` (from --model, or from a preset and --codec)."""
+def load_codec(path: str) -> EncodecCodec:
+    try:
+        return EncodecCodec.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load --codec {path}: {str(e).splitlines()[0]}") from None
+
+
+def build_base(cfg: Config, files: list[AudioFile], path: Path) -> str | None:
+    """Write the run's starting model to `path` (from --model, moved onto --codec if given, or from a preset
+    and --codec); returns a line for the run's log, if there is something to say."""
     if cfg.model is not None:
         try:
             model = load_model(cfg.model, precision="fp32")  # trainable weights, whatever it was saved in
@@ -44,12 +53,13 @@ def build_base(cfg: Config, files: list[AudioFile], path: Path) -> None:
         if cfg.melody and not model.has_melody:
             raise UsageError(f"--melody needs a melody model, and {cfg.model} has no melody conditioning")
         model.batch_like_transformers = False  # trained here: each row at its own positions, as generation then places it
+        if cfg.codec is not None:
+            agree = retarget(model, load_codec(cfg.codec), [f for f in files if f.split == "train"])
+            print(f"moved {cfg.model} onto the codec {cfg.codec}: the new codes' most frequent old partner is the old "
+                  f"codec's choice on {', '.join(f'{a:.0%}' for a in agree.tolist())} of frames (per codebook)")
         model.save_pretrained(path, precision="fp32")  # the run trains fp32 weights
         return
-    try:
-        codec = EncodecCodec.from_pretrained(cfg.codec)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load --codec {cfg.codec}: {str(e).splitlines()[0]}") from None
+    codec = load_codec(cfg.codec)
     preset = PRESETS[cfg.preset]
     lm_cfg = LMConfig(
         num_codebooks=codec.num_codebooks, codebook_size=codec.codebook_size, dim=preset.dim, num_heads=preset.heads,
@@ -79,6 +89,7 @@ def build_base(cfg: Config, files: list[AudioFile], path: Path) -> None:
             chroma = ChromaConditioner(preset.dim, chroma_length=chroma_frames(seconds, ChromaExtractor()))
         model = MusicGen(lm, codec, text, chroma, max_duration=cfg.segment_seconds, extend_stride=0.6 * cfg.segment_seconds)
         model.save_pretrained(path)
+    return None
 
 
 def trainable_state(model: MusicGen) -> dict[str, Tensor]:
