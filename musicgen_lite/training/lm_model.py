@@ -53,12 +53,13 @@ def build_base(cfg: Config, files: list[AudioFile], path: Path) -> str | None:
         if cfg.melody and not model.has_melody:
             raise UsageError(f"--melody needs a melody model, and {cfg.model} has no melody conditioning")
         model.batch_like_transformers = False  # trained here: each row at its own positions, as generation then places it
+        note = None
         if cfg.codec is not None:
             agree = retarget(model, load_codec(cfg.codec), [f for f in files if f.split == "train"])
-            print(f"moved {cfg.model} onto the codec {cfg.codec}: the new codes' most frequent old partner is the old "
-                  f"codec's choice on {', '.join(f'{a:.0%}' for a in agree.tolist())} of frames (per codebook)")
+            note = (f"moved {cfg.model} onto the codec {cfg.codec}: a new code's most frequent old partner is the "
+                    f"old codec's choice on {', '.join(f'{a:.0%}' for a in agree.tolist())} of frames (per codebook)")
         model.save_pretrained(path, precision="fp32")  # the run trains fp32 weights
-        return
+        return note
     codec = load_codec(cfg.codec)
     preset = PRESETS[cfg.preset]
     lm_cfg = LMConfig(
