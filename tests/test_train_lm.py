@@ -32,6 +32,7 @@ from musicgen_lite.training import lm as train_lm
 from musicgen_lite.training import lm_batches, lm_config, lm_model
 from musicgen_lite.training.retarget import code_counts, retarget
 from musicgen_lite.audio_data import TokenCache, chroma_span, scan
+from musicgen_lite.cli_errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = 32000
@@ -309,6 +310,8 @@ def test_a_model_moved_onto_a_relabelled_codec_plays_the_same_music(tiny_musicge
     for k in range(4):
         assert np.array_equal(after.tokens[:, k], new_code[k][before.tokens[:, k]].numpy())
     np.testing.assert_allclose(after.audio, before.audio, atol=1e-5)
+    with pytest.raises(UsageError, match="an LM moves only between codecs of one layout"):
+        retarget(model, EncodecCodec.from_pretrained(fitted, num_codebooks=2), scan(data, 0.0))
 
 
 @pytest.mark.slow

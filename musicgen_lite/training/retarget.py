@@ -31,6 +31,9 @@ from ..lm import TransformerLM
 from ..model import MusicGen
 
 
+FILE_SECONDS = 60.0  # at most this much of each file, so that the sample covers many pieces
+
+
 def spread(files: list[AudioFile], count: int) -> list[AudioFile]:
     """`count` files spread evenly over `files` in path order (all of them if there are fewer)."""
     ordered = sorted(files, key=lambda f: f.rel)
@@ -42,14 +45,15 @@ def spread(files: list[AudioFile], count: int) -> list[AudioFile]:
 @torch.no_grad()
 def code_counts(old: EncodecCodec, new: EncodecCodec, files: list[AudioFile], seconds: float) -> Tensor:
     """C [K, new codebook size, old codebook size]: frames where the new codec chose each code and the old
-    codec each of its codes, over up to `seconds` of the files' audio (unreadable files are passed over)."""
+    codec each of its codes, over up to `seconds` of the files' audio, at most FILE_SECONDS from the start of
+    each (unreadable files are passed over)."""
     counts = torch.zeros(new.num_codebooks, new.codebook_size, old.codebook_size, dtype=torch.float64)
     heard = 0.0
     for file in files:
         if heard >= seconds:
             break
         try:
-            chunks = list(read_chunks(file.path, seconds - heard))[:1]
+            chunks = list(read_chunks(file.path, min(FILE_SECONDS, seconds - heard)))[:1]  # the file's opening
         except READ_ERRORS:
             continue
         for wav, rate, _ in chunks:
@@ -80,6 +84,7 @@ def retarget(model: MusicGen, codec: EncodecCodec, files: list[AudioFile], secon
     if codec.frame_rate != old.frame_rate or codec.num_codebooks != old.num_codebooks:
         raise UsageError(f"--codec has {codec.num_codebooks} codebooks at {codec.frame_rate:g} frames/s; the model's "
                          f"codec has {old.num_codebooks} at {old.frame_rate:g}: an LM moves only between codecs of one layout")
+    # files spread over the whole set; enough of them for `seconds` even if most are a few seconds long
     counts = code_counts(old, codec, spread(files, 4 * int(seconds / 10) + 1), seconds)  # [K, new, old]
     if counts[0].sum() == 0:
         raise UsageError("none of the training files could be read to compare the two codecs")
