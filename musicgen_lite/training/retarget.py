@@ -52,18 +52,16 @@ def code_counts(old: EncodecCodec, new: EncodecCodec, files: list[AudioFile], se
     for file in files:
         if heard >= seconds:
             break
-        try:
-            chunks = list(read_chunks(file.path, min(FILE_SECONDS, seconds - heard)))[:1]  # the file's opening
+        try:  # the file's opening: only the first chunk is read
+            wav, rate, _ = next(read_chunks(file.path, min(FILE_SECONDS, seconds - heard)))
         except READ_ERRORS:
             continue
-        for wav, rate, _ in chunks:
-            a = old.encode(wav[None], sample_rate=rate)[0].long()  # [K, T]
-            b = new.encode(wav[None], sample_rate=rate)[0].long()  # [K, T']
-            t = min(a.shape[-1], b.shape[-1])
-            for k in range(new.num_codebooks):
-                counts[k].view(-1).index_add_(0, b[k, :t] * old.codebook_size + a[k, :t],
-                                              torch.ones(t, dtype=torch.float64))
-            heard += wav.shape[-1] / rate
+        a = old.encode(wav[None], sample_rate=rate)[0].long()  # [K, T]
+        b = new.encode(wav[None], sample_rate=rate)[0].long()  # [K, T']
+        t = min(a.shape[-1], b.shape[-1])
+        for k in range(new.num_codebooks):
+            counts[k].view(-1).index_add_(0, b[k, :t] * old.codebook_size + a[k, :t], torch.ones(t, dtype=torch.float64))
+        heard += wav.shape[-1] / rate
     return counts
 
 
