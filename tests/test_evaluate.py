@@ -13,6 +13,7 @@ from transformers.audio_utils import mel_filter_bank
 import musicgen_lite
 from codebooks.patterns import DelayPattern
 from musicgen_lite import evaluate as ev
+from musicgen_lite.audio_data import scan
 from musicgen_lite.hum import MAJOR_SCALE, MINOR_SCALE, random_melody, synth_hum
 
 SR = 32000
@@ -274,6 +275,26 @@ def tiny_data_dir(tmp_path):
         rows.append({"path": f"audio/tones/{name}.wav", "text": f"calm piano piece {name}, piano", "split": split})
     (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return tmp_path
+
+
+def test_held_out_excerpts_are_spread_over_the_split_and_a_silent_pick_is_replaced(tmp_path):
+    # 3 pieces of 4 renderings each, sorted by path: the first 3 files would all be piece a
+    rows = []
+    for piece in "abc":
+        for i in range(4):
+            rel = f"audio/{piece}/{i}.wav"
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            silent = piece == "b" and i == 0
+            sf.write(tmp_path / rel, np.zeros(SR // 2) if silent else harmonic_tone([60], 0.5), SR)
+            rows.append({"path": rel, "text": "piano", "split": "test"})
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    excerpts, skipped = ev.split_excerpts(scan(tmp_path), "test", 3, 0.5, SR)
+
+    assert [e.file.rel for e in excerpts] == ["audio/a/0.wav", "audio/b/1.wav", "audio/c/0.wav"]
+    assert skipped == ["audio/b/0.wav"]
+    everything, _ = ev.split_excerpts(scan(tmp_path), "test", 20, 0.5, SR)
+    assert len(everything) == 11
 
 
 def test_cli_writes_a_report_with_every_section(tiny_melody_dir, tiny_data_dir, tmp_path, capsys):

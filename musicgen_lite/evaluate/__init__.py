@@ -10,7 +10,7 @@ is reproducible: excerpts are fixed, hums and generations are seeded from `--see
 
 What each section measures (the metric functions in `signal` and `music` define every quantity precisely):
 
-codec   `--seconds` around the middle of each of up to `--max-files` held-out pieces go through
+codec   `--seconds` around the middle of each of up to `--max-files` held-out files, spread evenly over the split, go through
         the codec (encode, decode) and through Opus at 6 kbps, about the lowest bitrate at which
         Opus still codes music; both are scored against the original with `si_sdr` and
         `log_mel_distance`.

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="data folder (audio + metadata.jsonl); needed by codec, lm and words")
     p.add_argument("--split", default="test", choices=("train", "valid", "test"), help="held-out split (default test)")
     p.add_argument("--out", type=Path, help="write the report as JSON here")
-    p.add_argument("--max-files", type=_positive(int), default=8, help="held-out files to score (default 8)")
+    p.add_argument("--max-files", type=_positive(int), default=8, help="held-out files to score, spread evenly over the split (default 8)")
     p.add_argument("--seconds", type=_positive(float), default=10.0,
                    help="seconds per excerpt and per generation (default 10)")
     p.add_argument("--prompts", type=_positive(int), default=4,

@@ -57,17 +57,23 @@ def load_excerpt(path: Path, seconds: float, sr: int) -> tuple[np.ndarray, float
 def split_excerpts(
     files: list[AudioFile], split: str, count: int, seconds: float, sr: int
 ) -> tuple[list[Excerpt], list[str]]:
-    """Excerpts of the first `count` non-silent files of `split` (sorted by path), and the paths of
-    the silent ones skipped on the way."""
+    """Excerpts of up to `count` non-silent files of `split`, spread evenly over it, and the paths of
+    the silent ones skipped on the way.
+
+    A split sorted by path holds each piece's renderings side by side, so its first files are often
+    one piece; the split is cut into `count` equal runs and each gives its first non-silent file."""
+    pool = [f for f in files if f.split == split]
+    stride = max(1, len(pool) // count)
     excerpts, skipped = [], []
-    for file in (f for f in files if f.split == split):
+    for start in range(0, len(pool), stride):
         if len(excerpts) == count:
             break
-        audio, start = load_excerpt(file.path, seconds, sr)
-        if np.abs(audio).max() < MIN_PEAK:
+        for file in pool[start:start + stride]:
+            audio, offset = load_excerpt(file.path, seconds, sr)
+            if np.abs(audio).max() >= MIN_PEAK:
+                excerpts.append(Excerpt(file, audio, offset))
+                break
             skipped.append(file.rel)
-            continue
-        excerpts.append(Excerpt(file, audio, start))
     return excerpts, skipped
 
 
