@@ -90,7 +90,8 @@ python train.py lm --data "$WORK/data" --out "$WORK/v3" --model "$WORK/prior" --
 for model in v3 prior v1; do
   [ -f "$WORK/$model/config.json" ] || continue
   python -m musicgen_lite.evaluate pairs --model "$WORK/$model" --data "$WORK/data" --split test --out "$WORK/pairs_$model.json"
-  python -m musicgen_lite.evaluate codec --model "$WORK/$model" --data "$WORK/data" --split test --out "$WORK/codec_$model.json"
+  python -m musicgen_lite.evaluate codec --model "$WORK/$model" --data "$WORK/data" --split test --max-files 48 \
+      --out "$WORK/codec_$model.json"
 done
 python -m musicgen_lite.evaluate pairs --compare "$WORK"/pairs_*.json
 
