@@ -240,14 +240,24 @@ class ResidualVQ(nn.Module):
             quantized = quantized + layer.decode(stage_codes)  # [B, T, D]
         return quantized.transpose(1, 2)
 
-    @torch.no_grad()
     def export_to(self, quantizer: nn.Module) -> None:
         """Copy the codebooks into a transformers `EncodecResidualVectorQuantizer` with K stages."""
+        self._copy(quantizer, export=True)
+
+    def import_from(self, quantizer: nn.Module) -> None:
+        """Take the codebooks and their EMA state from a transformers `EncodecResidualVectorQuantizer`."""
+        self._copy(quantizer, export=False)
+
+    @torch.no_grad()
+    def _copy(self, quantizer: nn.Module, export: bool) -> None:
         if len(quantizer.layers) != self.num_codebooks:
-            raise ValueError(f"target quantizer has {len(quantizer.layers)} stages, this one {self.num_codebooks}")
+            raise ValueError(f"the other quantizer has {len(quantizer.layers)} stages, this one {self.num_codebooks}")
         for ours, theirs in zip(self.layers, quantizer.layers):
-            target = theirs.codebook
-            if target.embed.shape != ours.embed.shape:
-                raise ValueError(f"codebook shape {tuple(target.embed.shape)} != ours {tuple(ours.embed.shape)}")
+            other = theirs.codebook
+            if other.embed.shape != ours.embed.shape:
+                raise ValueError(f"codebook shape {tuple(other.embed.shape)} != ours {tuple(ours.embed.shape)}")
             for name in ("inited", "cluster_size", "embed", "embed_avg"):
-                getattr(target, name).copy_(getattr(ours, name))
+                if export:
+                    getattr(other, name).copy_(getattr(ours, name))
+                else:
+                    getattr(ours, name).copy_(getattr(other, name))

@@ -3,7 +3,8 @@
     wav [B, 1, N] --encoder--> latents [B, D, T] --RVQ--> codes [B, K, T], quantized [B, D, T]
     quantized [B, D, T] --decoder--> recon [B, 1, T * hop],   T = N / hop (N a multiple of hop)
 
-`to_encodec` turns it into a plain transformers `EncodecModel` (what `EncodecCodec` loads).
+`to_encodec` turns it into a plain transformers `EncodecModel` (what `EncodecCodec` loads), and
+`load_encodec` takes one's weights back, to fine-tune a trained codec.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ class Codec(nn.Module):
         rvq = self.quantizer(latents)
         recon = self.decoder(rvq.quantized if quantize else latents)  # [B, 1, T * hop]
         return CodecOutput(recon[..., : wav.shape[-1]], rvq.codes, rvq.commit_loss)
+
+    def load_encodec(self, model: EncodecModel) -> None:
+        """Take the weights, codebooks and codebook EMA state of a transformers EncodecModel of this config."""
+        self.encoder.load_state_dict(model.encoder.state_dict())
+        self.decoder.load_state_dict(model.decoder.state_dict())
+        self.quantizer.import_from(model.quantizer)
 
     def to_encodec(self) -> EncodecModel:
         """A CPU transformers EncodecModel with these weights and codebooks."""

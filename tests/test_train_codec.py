@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from transformers import EncodecModel
 
 from codebooks.codec import EncodecCodec
 from codebooks.rvq import EMACodebook, ResidualVQ
@@ -386,6 +387,54 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     assert main(["--data", str(data), "--out", str(tmp_path / "run"), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_run_started_from_a_trained_codec_keeps_its_architecture_weights_and_codes(trained, tmp_path, capsys):
+    source_dir = trained[0]
+    data = write_dataset(tmp_path / "data", corrupt=False)
+    out = tmp_path / "tuned"
+    # no architecture options: they come from the codec; a negligible rate and a near-frozen EMA keep it as it was
+    assert main(["--data", str(data), "--out", str(out), "--codec", str(source_dir), "--max-steps", "2",
+                 "--lr", "1e-12", "--ema-decay", "0.999999", "--dead-threshold", "0", "--segment-seconds", "0.2",
+                 "--batch-size", "2", "--valid-segments", "4", "--eval-every", "2"]) == 0  # fmt: skip
+    assert "starting from" in capsys.readouterr().out
+
+    source, tuned = (EncodecModel.from_pretrained(d).eval() for d in (source_dir, out))
+    assert tuned.config.num_filters == 4 and tuned.config.codebook_size == 64
+    x = torch.from_numpy(sf.read(data / "tone3.wav", dtype="float32")[0])[None, None]  # [1, 1, N]
+    with torch.no_grad():
+        a, b = (m.encode(x, bandwidth=max(m.config.target_bandwidths)).audio_codes for m in (source, tuned))
+        assert (a == b).float().mean() > 0.99
+        assert torch.allclose(source.decode(a, [None]).audio_values, tuned.decode(a, [None]).audio_values, atol=1e-4)
+    state = read_checkpoint(out / "checkpoints" / "step-00000002.pt")
+    assert state["config"]["quantize_warmup"] == 0 and state["config"]["mel_ramp_steps"] == 0
+
+
+def test_a_codec_to_start_from_is_checked_in_one_line(tmp_path, capsys):
+    data = write_dataset(tmp_path / "data", corrupt=False)
+    source = tmp_path / "codec"
+    build_codec(TrainConfig(data="", out="", filters=4, hidden_size=8, codebook_size=64)).to_encodec().save_pretrained(source)
+    capsys.readouterr()  # save_pretrained's progress bar
+    small = ["--segment-seconds", "0.2", "--batch-size", "2", "--valid-segments", "4", "--max-steps", "1"]
+    run = tmp_path / "run"
+
+    cases = [
+        (["--codec", str(tmp_path / "data")], "not a codec directory"),
+        (["--codec", str(source), "--filters", "8"], "--filters 8 differs from --codec"),
+    ]
+    for args, message in cases:
+        assert main(["--data", str(data), "--out", str(run), *small, *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+
+    assert main(["--data", str(data), "--out", str(run), *small, "--codec", str(source), "--filters", "4"]) == 0
+    capsys.readouterr()
+    for other in ([], ["--codec", str(tmp_path / "other")]):
+        if other:
+            shutil.copytree(source, tmp_path / "other")
+        assert main(["--data", str(data), "--out", str(run), *small, "--max-steps", "2", *other]) == 2
+        assert "holds a run started from" in capsys.readouterr().err
 
 
 def test_missing_or_empty_data_is_one_line_and_exit_2(tmp_path, capsys):

@@ -19,6 +19,11 @@ Early on, a step applies quantization only with probability --quantize-prob (the
 sees the encoder's latents otherwise): the encoder and decoder learn a usable latent
 space while codebooks follow it, instead of collapsing onto a few codewords.
 
+With --codec DIR a run starts from a trained codec instead (a mono transformers EncodecModel without
+normalisation or chunks: its architecture, weights, codebooks and their EMA state; no k-means, no
+warm-ups), e.g. to fine-tune it on other audio or continue it at another rate. Its codes then drift
+from the original's, so an LM trained on those moves with it: `train.py lm --model M --codec C`.
+
 The run directory RUN holds:
     config.json, model.safetensors   the codec in transformers format, refreshed at every
                                      checkpoint: EncodecCodec.from_pretrained(RUN) loads it
@@ -50,7 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import EncodecModel
+from transformers import EncodecConfig, EncodecModel
 
 from codebooks.audio import LazyAudio, move_entries
 from codebooks.trainable import Codec
@@ -61,7 +66,8 @@ from ..evaluate.signal import si_sdr
 from ..quiet import transformers_silenced
 from ..run_lock import RunInUse, RunLock
 from .checkpoints import all_finite, restore_latest, rng_state, save_step, set_rng_state
-from .codec_config import ARCHITECTURE, LR_FLOOR, OLD_DEFAULTS, PROG, TrainConfig, _as_tuple, _fmt, build_codec, build_parser
+from .codec_config import (ARCHITECTURE, LR_FLOOR, OLD_DEFAULTS, PROG, TrainConfig, _as_tuple, _fmt, build_codec, build_parser,
+                           read_source_config)
 from .codec_losses import MultiScaleMelLoss, MultiScaleSTFTDiscriminator, discriminator_loss, generator_adversarial_losses
 from .log import RunLog, require_tensorboard
 from .processes import resolve_device
@@ -178,9 +184,10 @@ class Trainer:
         return self.cfg.lr * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * done)))
 
 
-def build_trainer(cfg: TrainConfig, device: torch.device) -> Trainer:
+def build_trainer(cfg: TrainConfig, device: torch.device, config: EncodecConfig | None = None) -> Trainer:
+    """A trainer of a codec of `config` (the codec a run started from), else of the architecture options."""
     torch.manual_seed(cfg.seed)
-    model = build_codec(cfg).to(device)
+    model = build_codec(cfg, config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
     disc = disc_optimizer = None
     if cfg.adversarial:
@@ -291,6 +298,7 @@ def save_checkpoint(t: Trainer, run: Path) -> Path:
         "step": t.step,
         "schedule_steps": t.schedule_steps,
         "config": asdict(t.cfg),
+        "encodec": t.model.config.to_dict(),  # the architecture, also for a codec started from (--codec)
         "model": t.model.state_dict(),
         "optimizer": t.optimizer.state_dict(),
         "rng": rng_state(t.generator, next(t.model.parameters()).device),
@@ -327,6 +335,10 @@ def load_latest_checkpoint(run: Path, cfg: TrainConfig) -> tuple[Path, dict] | N
     found: dict = {}
 
     def check(state: dict) -> None:
+        started_from = state["config"].get("codec")
+        if started_from != cfg.codec:
+            raise UsageError(f"{run} holds a run started from {started_from or 'scratch'}, not from "
+                             f"{cfg.codec or 'scratch'}; pass the same --codec or a new --out")
         saved = state["config"]
         saved = {k: saved.get(k, OLD_DEFAULTS.get(k)) for k in ARCHITECTURE}
         changed = [k for k in ARCHITECTURE if _as_tuple(saved[k]) != _as_tuple(getattr(cfg, k))]
@@ -362,11 +374,19 @@ def resume(t: Trainer, state: dict) -> None:
 def train(
     cfg: TrainConfig, device: torch.device, data: AudioData, run: Path, checkpoint: tuple[Path, dict] | None
 ) -> None:
-    """Train from scratch, or on from `checkpoint` (its path and state), up to cfg.max_steps."""
-    t = build_trainer(cfg, device)
+    """Train from scratch or from the codec cfg.codec, or on from `checkpoint` (its path and state), up to
+    cfg.max_steps."""
+    if checkpoint is not None and "encodec" in checkpoint[1]:
+        config = EncodecConfig.from_dict(checkpoint[1]["encodec"])
+    else:
+        config = read_source_config(cfg.codec) if cfg.codec else None
+    t = build_trainer(cfg, device, config)
     if checkpoint is not None:
         print(f"resuming from step {checkpoint[1]['step']} ({checkpoint[0]})", flush=True)
         resume(t, checkpoint[1])
+    elif cfg.codec:
+        print(f"starting from {cfg.codec}: its weights, codebooks and their EMA state", flush=True)
+        t.model.load_encodec(load_source_codec(cfg.codec))
     else:
         initialize_codebooks(t, data, device)
     log = RunLog(run / "log.csv", list(LOG_COLUMNS), tensorboard=cfg.tensorboard)
@@ -432,6 +452,14 @@ def train(
 
 
 
+def load_source_codec(path: str) -> EncodecModel:
+    try:
+        with transformers_silenced():
+            return EncodecModel.from_pretrained(path).float()
+    except (OSError, ValueError, RuntimeError) as e:  # missing or mismatched weights
+        raise UsageError(f"--codec {path}: cannot load its weights: {' '.join(str(e).split())[:200]}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -443,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     lock = RunLock(run, PROG)
 
     def body() -> int:
+        if cfg.codec:
+            cfg.codec = str(Path(cfg.codec).resolve())  # a resumed run compares it, from any directory
+            cfg.start_from(read_source_config(cfg.codec))
         cfg.validate()
         if cfg.tensorboard:
             require_tensorboard()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from transformers import EncodecConfig
 from transformers.models.encodec.modeling_encodec import EncodecResidualVectorQuantizer
@@ -21,12 +22,14 @@ ARCHITECTURE = ("sample_rate", "ratios", "filters", "hidden_size", "lstm_layers"
 OLD_DEFAULTS = {"causal": True}  # runs saved before a field existed were trained with this value
 LR_SCHEDULES = ("constant", "cosine")
 LR_FLOOR = 0.1  # where the cosine schedule ends, as a fraction of --lr
+WARMUP_STEPS = 1000  # default quantizer warm-up and mel ramp of a codec trained from scratch (none from --codec)
 
 
 @dataclass
 class TrainConfig:
     data: str
     out: str
+    codec: str | None = None  # start from this trained codec (a transformers EncodecModel dir), not from scratch
     # codec architecture
     sample_rate: int = 32_000
     ratios: tuple[int, ...] = (8, 5, 4, 4)  # decoder upsampling ratios; hop = product = 640 -> 50 frames/s
@@ -42,12 +45,12 @@ class TrainConfig:
     kmeans_batches: int = 4  # batches of latents the k-means initialisation sees
     commit_weight: float = 0.25
     quantize_prob: float = 0.5  # probability that a warm-up step quantizes
-    quantize_warmup: int = 1000  # steps before every step quantizes
+    quantize_warmup: int | None = None  # steps before every step quantizes (None: WARMUP_STEPS, 0 from --codec)
     # reconstruction losses
     l1_weight: float = 1.0
     mse_weight: float = 10.0
     mel_weight: float = 0.1
-    mel_ramp_steps: int = 1000  # the mel weight grows linearly from 0 over these steps
+    mel_ramp_steps: int | None = None  # the mel weight grows from 0 over these steps (None: as quantize_warmup)
     # adversarial training (EnCodec's MS-STFT discriminator)
     adversarial: bool = False
     adv_weight: float = 3.0
@@ -79,6 +82,22 @@ class TrainConfig:
     def segment_samples(self) -> int:
         """Training segment length, rounded to whole frames."""
         return max(1, round(self.segment_seconds * self.sample_rate / self.hop)) * self.hop
+
+    def __post_init__(self) -> None:
+        # a trained codec needs no warm-ups: its latents and codebooks already agree
+        for name in ("quantize_warmup", "mel_ramp_steps"):
+            if getattr(self, name) is None:
+                setattr(self, name, 0 if self.codec else WARMUP_STEPS)
+
+    def start_from(self, source: EncodecConfig) -> None:
+        """Take the architecture of the trained codec the run starts from; an architecture option given
+        with another value is an error."""
+        for name, value in architecture_of(source).items():
+            given = getattr(self, name)
+            if _as_tuple(given) not in (_as_tuple(value), _as_tuple(getattr(TrainConfig, name))):
+                raise UsageError(f"{flag(name)} {_fmt(given)} differs from --codec {self.codec}'s {_fmt(value)}; "
+                                 "leave it out: the codec sets the architecture")
+            setattr(self, name, value)
 
     def validate(self) -> None:
         positive = ("sample_rate", "filters", "hidden_size", "lstm_layers", "codebooks", "kmeans_batches",
@@ -138,8 +157,31 @@ def encodec_config(cfg: TrainConfig) -> EncodecConfig:
     return config
 
 
-def build_codec(cfg: TrainConfig) -> Codec:
-    return Codec(encodec_config(cfg), cfg.ema_decay, cfg.dead_threshold)
+def architecture_of(config: EncodecConfig) -> dict:
+    """The ARCHITECTURE fields of a transformers EnCodec config."""
+    return dict(sample_rate=config.sampling_rate, ratios=tuple(config.upsampling_ratios), filters=config.num_filters,
+                hidden_size=config.hidden_size, lstm_layers=config.num_lstm_layers, codebooks=config.num_quantizers,
+                codebook_size=config.codebook_size, causal=config.use_causal_conv)
+
+
+def read_source_config(path: str) -> EncodecConfig:
+    """The config of a codec to start from, or a UsageError if it is not a codec this trainer can train on."""
+    if not (Path(path) / "config.json").is_file():
+        raise UsageError(f"--codec {path} is not a codec directory (no config.json)")
+    try:
+        config = EncodecConfig.from_pretrained(path)
+    except Exception as e:  # a config of another model type, or unreadable JSON
+        raise UsageError(f"--codec {path} is not an EnCodec codec: {' '.join(str(e).split())[:200]}") from None
+    if config.audio_channels != 1 or config.normalize or config.chunk_length_s is not None:
+        raise UsageError(f"--codec {path} cannot be trained here: this trainer trains mono codecs without "
+                         f"normalisation or chunks (audio_channels={config.audio_channels}, "
+                         f"normalize={config.normalize}, chunk_length_s={config.chunk_length_s})")
+    return config
+
+
+def build_codec(cfg: TrainConfig, config: EncodecConfig | None = None) -> Codec:
+    """A trainable codec of `config` (a codec started from), else of the architecture options."""
+    return Codec(config or encodec_config(cfg), cfg.ema_decay, cfg.dead_threshold)
 
 
 def _as_tuple(value) -> tuple:
@@ -167,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", required=True, default=argparse.SUPPRESS, help="folder of audio files (recursive)")
     p.add_argument("--out", required=True, default=argparse.SUPPRESS, help="run folder: codec, checkpoints/, log.csv")
+    p.add_argument("--codec", help="start from this trained codec (a transformers EncodecModel dir: its architecture, "
+                   "weights, codebooks and their EMA state) instead of from scratch, e.g. to fine-tune it on other audio")
     g = p.add_argument_group("codec")
     g.add_argument("--sample-rate", type=int, default=d.sample_rate, help="codec sample rate (Hz)")
     g.add_argument("--ratios", type=_ratios, default=_fmt(d.ratios), help="upsampling ratios; their product is the hop")
@@ -184,12 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kmeans-batches", type=int, default=d.kmeans_batches, help="batches for k-means initialisation")
     g.add_argument("--commit-weight", type=float, default=d.commit_weight, help="commitment loss weight")
     g.add_argument("--quantize-prob", type=float, default=d.quantize_prob, help="chance that a warm-up step quantizes")
-    g.add_argument("--quantize-warmup", type=int, default=d.quantize_warmup, help="steps before every step quantizes")
+    g.add_argument("--quantize-warmup", type=int, help=f"steps before every step quantizes (default: {WARMUP_STEPS}; "
+                   "0 with --codec)")
     g = p.add_argument_group("losses")
     g.add_argument("--l1-weight", type=float, default=d.l1_weight, help="waveform L1 weight")
     g.add_argument("--mse-weight", type=float, default=d.mse_weight, help="waveform MSE weight")
     g.add_argument("--mel-weight", type=float, default=d.mel_weight, help="multi-scale log-mel L1 weight")
-    g.add_argument("--mel-ramp-steps", type=int, default=d.mel_ramp_steps, help="steps for the mel weight to reach it")
+    g.add_argument("--mel-ramp-steps", type=int, help=f"steps for the mel weight to reach it (default: {WARMUP_STEPS}; "
+                   "0 with --codec)")
     g.add_argument("--adversarial", action="store_true", help="add EnCodec's multi-scale STFT discriminator")
     g.add_argument("--adv-weight", type=float, default=d.adv_weight, help="adversarial (hinge) loss weight")
     g.add_argument("--feat-weight", type=float, default=d.feat_weight, help="feature-matching loss weight")
