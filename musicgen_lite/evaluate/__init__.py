@@ -10,10 +10,10 @@ is reproducible: excerpts are fixed, hums and generations are seeded from `--see
 
 What each section measures (the metric functions in `signal` and `music` define every quantity precisely):
 
-codec   `--seconds` around the middle of each of up to `--max-files` held-out files, spread evenly over the split, go through
-        the codec (encode, decode) and through Opus at 6 kbps, about the lowest bitrate at which
-        Opus still codes music; both are scored against the original with `si_sdr` and
-        `log_mel_distance`.
+codec   `--seconds` around the middle of each of up to `--max-files` held-out files (spread evenly
+        over the split: its first files are often one piece) go through the codec (encode, decode)
+        and through Opus at 6 kbps, about the lowest bitrate at which Opus still codes music; both
+        are scored against the original with `si_sdr` and `log_mel_distance`.
         The codec's bitrate is K * log2(codebook_size) * frame_rate / 1000 kbps (goal: at most 2.2).
 lm      Teacher-forced cross-entropy of the LM on the same excerpts' codes (cut to the LM's
         `max_duration`), given their captions (and, for melody models, their own chroma, as in

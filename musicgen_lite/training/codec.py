@@ -451,7 +451,6 @@ def train(
     print(f"saved codec to {run} (step {t.step})", flush=True)
 
 
-
 def load_source_codec(path: str) -> EncodecModel:
     try:
         with transformers_silenced():

@@ -50,7 +50,7 @@ class TrainConfig:
     l1_weight: float = 1.0
     mse_weight: float = 10.0
     mel_weight: float = 0.1
-    mel_ramp_steps: int | None = None  # the mel weight grows from 0 over these steps (None: as quantize_warmup)
+    mel_ramp_steps: int | None = None  # the mel weight grows from 0 over these steps (None: WARMUP_STEPS, 0 from --codec)
     # adversarial training (EnCodec's MS-STFT discriminator)
     adversarial: bool = False
     adv_weight: float = 3.0
