@@ -179,6 +179,8 @@ def test_ceilings_on_real_renderings(fake_data):
     rng = np.random.default_rng(0)
     hiss = [texture_stats(0.05 * rng.standard_normal(8 * SR), SR) for _ in range(2)]
     assert 0 <= result["noise"]["distance"] < texture_distance(hiss, result["texture"])["distance"]
+    # fewer picks than renderings: one from each equal run of the split, not its first files
+    assert [r["path"] for r in eval_pairs.held_out(fake_data, "test", 2, 8.0)] == ["audio/w/0.wav", "audio/w/2.wav"]
 
 
 def test_pairs_command_end_to_end(fake_data, tiny_melody_dir, tmp_path, capsys):

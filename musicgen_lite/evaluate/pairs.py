@@ -25,7 +25,7 @@ noise    How far the clips' texture is from real music: per clip, spectral flatn
          the held-out renderings. Scored on the clips without a melody (key, tempo, melody's no-hum).
 
 Ceilings: the same estimators on `--max-files` excerpts of `--seconds` from the middle of held-out
-renderings (DATA/metadata.jsonl rows of `--split`): parallel mode and tonic with the rendering's key as
+renderings (DATA/metadata.jsonl rows of `--split`, spread evenly over them by path): parallel mode and tonic with the rendering's key as
 truth (its "key" field, else the key named in its caption); the melody metric between the full mix and
 its own melody track ("melody" field; absent from data without melody tracks); the noise distance of
 one half of the renderings (odd rows) from the other (even rows).
@@ -50,7 +50,7 @@ from ..cli_errors import UsageError
 from ..data.scores.captions import tonic_pitch_class
 from ..model import MusicGen
 from .music import ONSET_HOP, ONSET_N_FFT, PITCH_CLASSES, chroma, chroma_cosine, key_scores, onset_times
-from .sections import MIN_PEAK, load_excerpt
+from .sections import MIN_PEAK, load_excerpt, spread_picks
 from .signal import SAMPLE_RATE, resample, stft_magnitude, to_mono
 from .voice import new_tune, note_times, sing, transpose
 
@@ -168,26 +168,25 @@ def texture_distance(clips: list[dict], reference: list[dict]) -> dict:
 
 
 def held_out(data: Path, split: str, count: int, seconds: float) -> list[dict]:
-    """The first `count` non-silent renderings of `split` in metadata.jsonl (sorted by path) as dicts:
-    "path", "audio" (mono float64 excerpt of `seconds` from the middle, at 32 kHz), "key" ((tonic pitch
-    class, mode) from the "key" field, else the caption; None when neither names one) and "melody"
-    (the same stretch of its melody track, or None)."""
+    """`count` non-silent renderings of `split` in metadata.jsonl, spread evenly over it by path
+    (`spread_picks`), as dicts: "path", "audio" (mono float64 excerpt of `seconds` from the middle, at
+    32 kHz), "key" ((tonic pitch class, mode) from the "key" field, else the caption; None when
+    neither names one) and "melody" (the same stretch of its melody track, or None)."""
     rows = [row for rel, row in sorted(read_metadata(data).items()) if row.get("split") == split]
-    out = []
-    for row in rows:
-        if len(out) == count:
-            break
+
+    def rendering(row: dict) -> dict | None:
         path = data / row["path"]
         if not path.is_file():
-            continue
+            return None
         audio, _ = load_excerpt(path, seconds, SAMPLE_RATE)
         if np.abs(audio).max() < MIN_PEAK:
-            continue
+            return None
         key = parse_key(row["key"]) if isinstance(row.get("key"), str) and row["key"] else parse_key(row.get("text", ""))
         melody_path = data / row["melody"] if isinstance(row.get("melody"), str) else None
         melody = load_excerpt(melody_path, seconds, SAMPLE_RATE)[0] if melody_path and melody_path.is_file() else None
-        out.append({"path": row["path"], "audio": audio, "key": key, "melody": melody})
-    return out
+        return {"path": row["path"], "audio": audio, "key": key, "melody": melody}
+
+    return spread_picks(rows, count, rendering)
 
 
 def ceilings(renderings: list[dict]) -> dict:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -27,6 +29,9 @@ GOAL_MELODY_COSINE = 0.5
 GOAL_MELODY_GAIN = 0.25
 GOAL_MODE_ACCURACY = 0.75
 GOAL_TEMPO_RATIO = 1.2
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 MIN_PEAK = 1e-4  # an excerpt quieter than this is silence and is skipped
 HUM_NOTE_SECONDS = 0.6  # about how long each hummed note lasts
@@ -54,27 +59,40 @@ def load_excerpt(path: Path, seconds: float, sr: int) -> tuple[np.ndarray, float
     return resample(data.mean(axis=0), rate, sr), start / rate
 
 
+def spread_picks(items: list[T], count: int, pick: Callable[[T], R | None]) -> list[R]:
+    """Up to `count` results of `pick` spread evenly over `items`: the list is cut into runs of
+    len // count and each run gives the result of its first item that `pick` accepts (not None).
+
+    A held-out split sorted by path holds each piece's renderings side by side, so its first files
+    are often one piece; one pick per run samples them all."""
+    stride = max(1, len(items) // count)
+    picked: list[R] = []
+    for start in range(0, len(items), stride):
+        if len(picked) == count:
+            break
+        for item in items[start : start + stride]:
+            result = pick(item)
+            if result is not None:
+                picked.append(result)
+                break
+    return picked
+
+
 def split_excerpts(
     files: list[AudioFile], split: str, count: int, seconds: float, sr: int
 ) -> tuple[list[Excerpt], list[str]]:
-    """Excerpts of up to `count` non-silent files of `split`, spread evenly over it, and the paths of
-    the silent ones skipped on the way.
+    """Excerpts of up to `count` non-silent files of `split`, spread evenly over it (`spread_picks`),
+    and the paths of the silent ones skipped on the way."""
+    skipped: list[str] = []
 
-    A split sorted by path holds each piece's renderings side by side, so its first files are often
-    one piece; the split is cut into `count` equal runs and each gives its first non-silent file."""
-    pool = [f for f in files if f.split == split]
-    stride = max(1, len(pool) // count)
-    excerpts, skipped = [], []
-    for start in range(0, len(pool), stride):
-        if len(excerpts) == count:
-            break
-        for file in pool[start:start + stride]:
-            audio, offset = load_excerpt(file.path, seconds, sr)
-            if np.abs(audio).max() >= MIN_PEAK:
-                excerpts.append(Excerpt(file, audio, offset))
-                break
+    def excerpt(file: AudioFile) -> Excerpt | None:
+        audio, start = load_excerpt(file.path, seconds, sr)
+        if np.abs(audio).max() < MIN_PEAK:
             skipped.append(file.rel)
-    return excerpts, skipped
+            return None
+        return Excerpt(file, audio, start)
+
+    return spread_picks([f for f in files if f.split == split], count, excerpt), skipped
 
 
 # -----------------------------------------------------------------------------------------------
