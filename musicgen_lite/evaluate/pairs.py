@@ -25,10 +25,10 @@ noise    How far the clips' texture is from real music: per clip, spectral flatn
          the held-out renderings. Scored on the clips without a melody (key, tempo, melody's no-hum).
 
 Ceilings: the same estimators on `--max-files` excerpts of `--seconds` from the middle of held-out
-renderings (DATA/metadata.jsonl rows of `--split`, spread evenly over them by path): parallel mode and tonic with the rendering's key as
-truth (its "key" field, else the key named in its caption); the melody metric between the full mix and
-its own melody track ("melody" field; absent from data without melody tracks); the noise distance of
-one half of the renderings (odd rows) from the other (even rows).
+renderings (DATA/metadata.jsonl rows of `--split`, spread evenly over them by path): parallel mode and
+tonic with the rendering's key as truth (its "key" field, else the key named in its caption); the
+melody metric between the full mix and its own melody track ("melody" field; absent from data without
+melody tracks); the noise distance of one half of the renderings (odd rows) from the other (even rows).
 
 The JSON report holds "settings", "key", "tempo", "melody", "noise" and "ceilings"; `--compare` lays
 several reports side by side with each goal and the ceilings (the model card's table). The command

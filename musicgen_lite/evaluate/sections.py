@@ -30,9 +30,6 @@ GOAL_MELODY_GAIN = 0.25
 GOAL_MODE_ACCURACY = 0.75
 GOAL_TEMPO_RATIO = 1.2
 
-T = TypeVar("T")
-R = TypeVar("R")
-
 MIN_PEAK = 1e-4  # an excerpt quieter than this is silence and is skipped
 HUM_NOTE_SECONDS = 0.6  # about how long each hummed note lasts
 PROMPT_KEYS = ("C", "G", "F", "D", "A", "Bb", "E", "Eb")
@@ -57,6 +54,10 @@ def load_excerpt(path: Path, seconds: float, sr: int) -> tuple[np.ndarray, float
     start = (frames - length) // 2
     data, _ = read_audio(path, start, length, dtype="float64")  # [C, length]
     return resample(data.mean(axis=0), rate, sr), start / rate
+
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def spread_picks(items: list[T], count: int, pick: Callable[[T], R | None]) -> list[R]:

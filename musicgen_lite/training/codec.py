@@ -372,15 +372,14 @@ def resume(t: Trainer, state: dict) -> None:
 
 
 def train(
-    cfg: TrainConfig, device: torch.device, data: AudioData, run: Path, checkpoint: tuple[Path, dict] | None
+    cfg: TrainConfig, device: torch.device, data: AudioData, run: Path, checkpoint: tuple[Path, dict] | None,
+    source: EncodecConfig | None = None,
 ) -> None:
-    """Train from scratch or from the codec cfg.codec, or on from `checkpoint` (its path and state), up to
-    cfg.max_steps."""
+    """Train from scratch or from the codec cfg.codec (of config `source`), or on from `checkpoint` (its
+    path and state), up to cfg.max_steps."""
     if checkpoint is not None and "encodec" in checkpoint[1]:
-        config = EncodecConfig.from_dict(checkpoint[1]["encodec"])
-    else:
-        config = read_source_config(cfg.codec) if cfg.codec else None
-    t = build_trainer(cfg, device, config)
+        source = EncodecConfig.from_dict(checkpoint[1]["encodec"])
+    t = build_trainer(cfg, device, source)
     if checkpoint is not None:
         print(f"resuming from step {checkpoint[1]['step']} ({checkpoint[0]})", flush=True)
         resume(t, checkpoint[1])
@@ -470,9 +469,11 @@ def main(argv: list[str] | None = None) -> int:
     lock = RunLock(run, PROG)
 
     def body() -> int:
+        source = None
         if cfg.codec:
             cfg.codec = str(Path(cfg.codec).resolve())  # a resumed run compares it, from any directory
-            cfg.start_from(read_source_config(cfg.codec))
+            source = read_source_config(cfg.codec)
+            cfg.start_from(source)
         cfg.validate()
         if cfg.tensorboard:
             require_tensorboard()
@@ -497,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({minutes[1]:.1f} min), {data.left_out} test files left out, {data.skipped} unreadable skipped",
             flush=True,
         )
-        train(cfg, device, data, run, checkpoint)
+        train(cfg, device, data, run, checkpoint, source)
         return 0
 
     try:
