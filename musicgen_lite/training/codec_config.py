@@ -228,14 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kmeans-batches", type=int, default=d.kmeans_batches, help="batches for k-means initialisation")
     g.add_argument("--commit-weight", type=float, default=d.commit_weight, help="commitment loss weight")
     g.add_argument("--quantize-prob", type=float, default=d.quantize_prob, help="chance that a warm-up step quantizes")
-    g.add_argument("--quantize-warmup", type=int, help=f"steps before every step quantizes (default: {WARMUP_STEPS}; "
-                   "0 with --codec)")
+    g.add_argument("--quantize-warmup", type=int, default=argparse.SUPPRESS,
+                   help=f"steps before every step quantizes (default: {WARMUP_STEPS}; 0 with --codec)")
     g = p.add_argument_group("losses")
     g.add_argument("--l1-weight", type=float, default=d.l1_weight, help="waveform L1 weight")
     g.add_argument("--mse-weight", type=float, default=d.mse_weight, help="waveform MSE weight")
     g.add_argument("--mel-weight", type=float, default=d.mel_weight, help="multi-scale log-mel L1 weight")
-    g.add_argument("--mel-ramp-steps", type=int, help=f"steps for the mel weight to reach it (default: {WARMUP_STEPS}; "
-                   "0 with --codec)")
+    g.add_argument("--mel-ramp-steps", type=int, default=argparse.SUPPRESS,
+                   help=f"steps for the mel weight to reach it (default: {WARMUP_STEPS}; 0 with --codec)")
     g.add_argument("--adversarial", action="store_true", help="add EnCodec's multi-scale STFT discriminator")
     g.add_argument("--adv-weight", type=float, default=d.adv_weight, help="adversarial (hinge) loss weight")
     g.add_argument("--feat-weight", type=float, default=d.feat_weight, help="feature-matching loss weight")
