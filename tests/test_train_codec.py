@@ -475,10 +475,11 @@ def test_checkpoints_of_the_earlier_format_are_refused_in_one_line(tmp_path, cap
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("adversarial", [False, True])
-def test_decoder_fine_tuning_keeps_every_token_and_changes_only_the_decoder(tmp_path, adversarial):
+@pytest.mark.parametrize("extra", [[], ["--adversarial"], ["--code-noise", "0.5"]])
+def test_decoder_fine_tuning_keeps_every_token_and_changes_only_the_decoder(tmp_path, extra):
     """train.py decoder: the tuned codec encodes audio to exactly the same codes (an LM trained on them
-    stays valid), and only decoder weights moved, with or without the discriminator beside it."""
+    stays valid), and only decoder weights moved, with or without the discriminator beside it or
+    swapped fine codes in its batches."""
     from transformers import EncodecModel
 
     import train
@@ -492,10 +493,35 @@ def test_decoder_fine_tuning_keeps_every_token_and_changes_only_the_decoder(tmp_
     codec_dir = DEFAULT_MODEL_DIR / "codec"
     out = tmp_path / "run"
     assert train.main(["decoder", "--codec", str(codec_dir), "--data", str(data), "--out", str(out),
-                       "--max-steps", "2", "--batch-size", "2", "--valid-segments", "2", "--lr", "1e-3"]
-                      + ["--adversarial"] * adversarial) == 0
+                       "--max-steps", "2", "--batch-size", "2", "--valid-segments", "2", "--lr", "1e-3", *extra]) == 0
     before, after = EncodecModel.from_pretrained(codec_dir), EncodecModel.from_pretrained(out)
     moved = {name for name, p in after.state_dict().items() if not torch.equal(p, before.state_dict()[name])}
     assert moved and all(name.startswith("decoder.") for name in moved)
     wav = torch.from_numpy(sf.read(data / "tone1.wav", dtype="float32")[0])[None, None]
     assert torch.equal(EncodecCodec.from_pretrained(codec_dir).encode(wav), EncodecCodec.from_pretrained(out).encode(wav))
+
+
+def test_code_noise_swaps_only_fine_codes_for_codes_of_the_same_codebook():
+    """train.py decoder --code-noise: codebook 1 is kept; a fine code is swapped with about the asked
+    probability, for a code its own codebook used in the batch."""
+    from musicgen_lite.training.codec_decoder import corrupt_fine_codes
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.stack([torch.randint(k * 100, k * 100 + 50, (4, 500), generator=g) for k in range(4)], dim=1)  # [4, 4, 500]
+    assert torch.equal(corrupt_fine_codes(codes, 0.0, g), codes)
+    noisy = corrupt_fine_codes(codes, 0.3, g)
+    assert noisy.shape == codes.shape and torch.equal(noisy[:, 0], codes[:, 0])
+    changed = (noisy[:, 1:] != codes[:, 1:]).float().mean().item()
+    assert 0.3 * 49 / 50 - 0.03 < changed < 0.3 + 0.03  # a swap may draw the same code (1 in 50 here)
+    for k in range(1, 4):
+        assert set(noisy[:, k].unique().tolist()) <= set(codes[:, k].unique().tolist())
+
+
+def test_code_noise_outside_zero_to_one_is_refused_in_one_line(tmp_path, capsys):
+    import train
+    from musicgen_lite.checkpoints import DEFAULT_MODEL_DIR
+
+    assert train.main(["decoder", "--codec", str(DEFAULT_MODEL_DIR / "codec"), "--data", str(tmp_path),
+                       "--out", str(tmp_path / "run"), "--code-noise", "1.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["train.py decoder: error: --code-noise must lie in [0, 1], got 1.5"]

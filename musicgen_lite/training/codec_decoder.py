@@ -11,6 +11,12 @@ and spectral error without changing a single token:
          [+ adv_weight x hinge + feat_weight x feature matching, with --adversarial: the codec trainer's
           multi-scale STFT discriminator, trained beside the decoder from scratch]
 
+An LM samples the fine codebooks (2..K) loosely, and a decoder that has only seen the encoder's own
+codes turns a wrong fine code into hiss and false onsets. With --code-noise P each fine code of a
+training batch is, with probability P, replaced by a code of the same codebook drawn from the batch
+(so as common as the codes are), while the target stays the clean audio: the decoder learns to make
+less of codes that do not fit. The encoder, codebooks and tokens are unchanged either way.
+
 RUN receives the whole codec (transformers EncodecModel format) every --save-every steps and at the
 end, written aside and renamed; run again on the same RUN to go on from the decoder saved there (the
 optimisers start afresh, and so does the discriminator, which is not saved). Data, splits and validation segments are the codec trainer's.
@@ -53,10 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adversarial", action="store_true", help="add the codec trainer's multi-scale STFT discriminator")
     p.add_argument("--adv-weight", type=float, default=TrainConfig.adv_weight, help="adversarial (hinge) loss weight")
     p.add_argument("--feat-weight", type=float, default=TrainConfig.feat_weight, help="feature-matching loss weight")
+    p.add_argument("--code-noise", type=float, default=0.0, metavar="P",
+                   help="chance that a fine code (codebooks 2..K) of a training batch is replaced by another of the "
+                        "batch's codes of that codebook (default 0: the encoder's codes as they are)")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--valid-segments", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     return p
+
+
+def corrupt_fine_codes(codes: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """codes [B, K, T] with each code of codebooks 2..K replaced, with probability p, by a code of the
+    same codebook drawn uniformly from the batch's B x T codes of it; codebook 1 is kept."""
+    fine = codes[:, 1:].transpose(0, 1).reshape(codes.shape[1] - 1, -1)  # [K-1, B*T]
+    picks = torch.randint(fine.shape[1], fine.shape, generator=generator)  # [K-1, B*T]
+    swap = torch.rand(fine.shape, generator=generator) < p
+    fine = torch.where(swap, fine.gather(1, picks), fine)
+    out = codes.clone()
+    out[:, 1:] = fine.view(codes.shape[1] - 1, codes.shape[0], codes.shape[2]).transpose(0, 1)
+    return out
 
 
 @torch.no_grad()
@@ -91,6 +112,8 @@ def tune(args: argparse.Namespace) -> None:
         wav = sample_batch(data.train, args.batch_size, length, generator)  # [B, 1, S]
         with torch.no_grad():
             codes = model.encode(wav, bandwidth=bandwidth).audio_codes[0]  # [B, K, T]
+            if args.code_noise > 0:
+                codes = corrupt_fine_codes(codes, args.code_noise, generator)
             quantized = model.quantizer.decode(codes.transpose(0, 1))  # [B, D, T]
         model.decoder.train()
         recon = model.decoder(quantized)[..., : wav.shape[-1]]
@@ -128,6 +151,8 @@ def tune(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if not 0.0 <= args.code_noise <= 1.0:
+            raise UsageError(f"--code-noise must lie in [0, 1], got {args.code_noise}")
         if not (Path(args.codec) / "config.json").is_file():
             raise UsageError(f"--codec {args.codec} has no config.json (a transformers EncodecModel directory)")
         args.out.mkdir(parents=True, exist_ok=True)
