@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adv-weight", type=float, default=TrainConfig.adv_weight, help="adversarial (hinge) loss weight")
     p.add_argument("--feat-weight", type=float, default=TrainConfig.feat_weight, help="feature-matching loss weight")
     p.add_argument("--code-noise", type=float, default=0.0, metavar="P",
-                   help="chance that a fine code (codebooks 2..K) of a training batch is replaced by another of the "
-                        "batch's codes of that codebook (default 0: the encoder's codes as they are)")
+                   help="chance that a fine code (codebooks 2..K) of a training batch is replaced by one drawn from "
+                        "the batch's codes of that codebook (default 0: the encoder's codes as they are)")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--valid-segments", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
