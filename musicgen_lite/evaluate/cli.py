@@ -2,6 +2,7 @@
 
     python -m musicgen_lite.evaluate {codec,lm,melody,text,words,all} ...   the sections (report.py)
     python -m musicgen_lite.evaluate pairs ...                         controlled pairs (pairs.py)
+    python -m musicgen_lite.evaluate hiss ...                          where the hiss comes from (hiss.py)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..checkpoints import load_model
 from ..cli_errors import ArgumentParser, UsageError, run_command
 from ..model import MusicGen
 from ..quiet import silence_transformers
-from . import pairs
+from . import hiss, pairs
 from .report import SECTIONS, format_table, needs_data, run_sections
 
 
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Measure codec fidelity, LM cross-entropy, melody and text adherence of a model, and "
                             "whether its LM reads key, mode and tempo words (words: teacher-forced, no sampling).",
                 epilog="`python -m musicgen_lite.evaluate pairs --help`: controlled prompt pairs, unheard hums "
-                       "and a noise measure, beside real renderings.")
+                       "and a noise measure, beside real renderings; `... hiss --help`: how much of that noise "
+                       "the codec and each codebook's sampled codes make.")
     p.add_argument("section", choices=(*SECTIONS, "all"))
     p.add_argument("--model", required=True, help="model directory (ours or a transformers MusicGen checkpoint)")
     p.add_argument("--data", type=Path, help="data folder (audio + metadata.jsonl); needed by codec, lm and words")
@@ -54,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["pairs"]:
         return pairs_main(argv[1:])
+    if argv[:1] == ["hiss"]:
+        return hiss_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
 
@@ -139,3 +143,30 @@ def pairs_main(argv: list[str]) -> int:
 
     return run_command(parser.prog, body, "interrupted; nothing written")
 
+
+
+def hiss_main(argv: list[str]) -> int:
+    """`python -m musicgen_lite.evaluate hiss`: the texture of held-out renderings decoded from the codec's
+    codes, from swapped fine codes and from codes the LM draws (hiss.py)."""
+    parser = ArgumentParser(prog="python -m musicgen_lite.evaluate hiss",
+                            description="Where a model's hiss comes from: the texture distance to held-out renderings "
+                                        "of their codec reconstruction, with fine codes swapped, and with each "
+                                        "codebook's codes drawn by the LM (teacher-forced).")
+    parser.add_argument("--model", required=True, help="model directory (ours or a transformers MusicGen checkpoint)")
+    parser.add_argument("--data", required=True, type=Path, help="data folder with metadata.jsonl (the held-out renderings)")
+    parser.add_argument("--split", default="valid", choices=("train", "valid", "test"), help="held-out split (default valid)")
+    parser.add_argument("--max-files", type=_positive(int), default=24, help="renderings, spread evenly over the split (default 24)")
+    parser.add_argument("--seconds", type=_positive(float), default=8.0, help="seconds per excerpt (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the swaps and draws (default 0)")
+    parser.add_argument("--out", type=Path, help="write the report as JSON here")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        if not (args.data / "metadata.jsonl").is_file():
+            raise UsageError(f"{args.data} has no metadata.jsonl")
+        silence_transformers()
+        report = {"model": str(args.model)} | hiss.run_hiss(_load(args.model), args.data, args.split, args.max_files,
+                                                           args.seconds, args.seed)
+        return show(report, hiss.format_table(report), args.out)
+
+    return run_command(parser.prog, body, "interrupted; nothing written")

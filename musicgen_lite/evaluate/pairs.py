@@ -169,8 +169,8 @@ def texture_distance(clips: list[dict], reference: list[dict]) -> dict:
 
 def held_out(data: Path, split: str, count: int, seconds: float) -> list[dict]:
     """`count` non-silent renderings of `split` in metadata.jsonl, spread evenly over it by path
-    (`spread_picks`), as dicts: "path", "audio" (mono float64 excerpt of `seconds` from the middle, at
-    32 kHz), "key" ((tonic pitch class, mode) from the "key" field, else the caption; None when
+    (`spread_picks`), as dicts: "path", "text" (its caption), "audio" (mono float64 excerpt of `seconds`
+    from the middle, at 32 kHz), "key" ((tonic pitch class, mode) from the "key" field, else the caption; None when
     neither names one) and "melody" (the same stretch of its melody track, or None)."""
     rows = [row for rel, row in sorted(read_metadata(data).items()) if row.get("split") == split]
 
@@ -184,7 +184,7 @@ def held_out(data: Path, split: str, count: int, seconds: float) -> list[dict]:
         key = parse_key(row["key"]) if isinstance(row.get("key"), str) and row["key"] else parse_key(row.get("text", ""))
         melody_path = data / row["melody"] if isinstance(row.get("melody"), str) else None
         melody = load_excerpt(melody_path, seconds, SAMPLE_RATE)[0] if melody_path and melody_path.is_file() else None
-        return {"path": row["path"], "audio": audio, "key": key, "melody": melody}
+        return {"path": row["path"], "text": row.get("text") or "", "audio": audio, "key": key, "melody": melody}
 
     return spread_picks(rows, count, rendering)
 
