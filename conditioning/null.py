@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+NO_CAPTION = "none"  # what the text encoder reads for a row without a caption, whose states are then nulled
+
 
 def null_text(emb: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """The "no caption" condition: zero embeddings [B, L, D] and a zero mask [B, L]."""

@@ -36,14 +36,14 @@ from torch import Tensor, nn
 from codebooks.codec import EncodecCodec
 from codebooks.patterns import CodebookPattern, make_pattern
 from conditioning.chroma import ChromaConditioner
-from conditioning.null import null_chroma_features, null_text
+from conditioning.null import NO_CAPTION, null_chroma_features, null_text
 from conditioning.text import T5Conditioner
 
 from .checksums import write_manifest
 from .generation_config import MUSICGEN_DEFAULTS, read_generation_defaults, write_generation_defaults
 from .lm import LMConditions, LMConfig, TransformerLM
 from .melody_prior import MelodyPrior
-from .sampling import SamplingParams, sample_frames
+from .sampling import SamplingParams, classifier_free_guidance, sample_frames, sample_next
 from .weight_files import WeightFiles
 
 FORMAT = "musicgen_lite"
@@ -107,7 +107,7 @@ class MusicGen(nn.Module):
         """Texts (B; None = no caption, the null text) and optional one-hot chroma features [B, T, 12]
         -> LM conditions, with the null rows appended when guided: zero text states with an all-zero
         mask, and the null melody."""
-        emb, mask = self.encode_texts([text or "" for text in texts])  # [B, L, D], [B, L]
+        emb, mask = self.encode_texts([NO_CAPTION if text is None else text for text in texts])  # [B, L, D], [B, L]
         tokens = mask  # the text's own tokens: a null row keeps as many (zero) entries as its conditional row
         uncaptioned = torch.tensor([text is None for text in texts], device=emb.device)
         if uncaptioned.any():
@@ -241,6 +241,24 @@ class MusicGen(nn.Module):
             frames = torch.arange(round(start / hop), round(start / hop) + 1 + length // hop)  # one-hot [T, 12] rows
             wavs = [None if w is None else w[(samples if w.dim() == 1 else frames) % w.shape[0]] for w in wavs]
         return self.melody_features(wavs)
+
+    @torch.no_grad()
+    def draw_teacher_forced(self, codes: Tensor, texts: list[str | None], melody: list[Tensor | None] | None,
+                            params: SamplingParams, generator: torch.Generator) -> Tensor:
+        """[B, K, T] true codes -> [B, K, T] codes each drawn with `params` (guidance included) from the
+        LM's distribution given every earlier true code (teacher forcing): the LM's choices one step at
+        a time, without its errors piling up as in generation. `texts` None = the null caption; `melody`
+        as in `generate_tokens`."""
+        feats = self.melody_features(melody) if melody is not None else None
+        cond = self.conditions(texts, feats, params.guided)
+        seq = self.pattern.build(codes, self.lm.cfg.special_token)  # [B, K, S]
+        copies = cond.rows // codes.shape[0]
+        logits = self.lm(seq[:, :, :-1].repeat(copies, 1, 1), cond).float()  # [rows, K, S-1, V]: step s + 1
+        if params.guided:
+            logits = classifier_free_guidance(logits, params.cfg_coef)  # [B, K, S-1, V]
+        drawn = sample_next(logits, params, torch.rand(logits.shape[:-1], generator=generator))  # [B, K, S-1]
+        drawn = torch.cat([seq[:, :, :1], drawn], dim=-1)  # step 0 holds no code
+        return self.pattern.revert(drawn, codes.shape[-1])
 
     # -- persistence -----------------------------------------------------------------------------
     def config_dict(self, precision: str = "fp32") -> dict:

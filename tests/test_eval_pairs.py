@@ -15,7 +15,7 @@ from musicgen_lite import generate, load_model
 from musicgen_lite.evaluate import chroma, chroma_cosine, key_scores
 from musicgen_lite.evaluate import main as evaluate_main
 from musicgen_lite.evaluate import pairs as eval_pairs
-from musicgen_lite.evaluate.hiss import resample_codes, swap_codes
+from musicgen_lite.evaluate.hiss import swap_codes
 from musicgen_lite.evaluate.pairs import (
     parse_key, read_key, texture_distance, texture_stats,
 )
@@ -244,13 +244,13 @@ def test_greedy_resampling_of_a_greedy_clip_gives_the_clip_back(fixture, request
     greedy draws must give the clip back: the teacher-forced pass, the pattern and the guidance agree
     with the sampling loop's."""
     model = load_model(request.getfixturevalue(fixture))
-    model.generation_defaults = SamplingParams(top_k=1, cfg_coef=3.0)
+    greedy = SamplingParams(top_k=1, cfg_coef=3.0)
     hum = sing([(0.0, 0.5, 60), (0.5, 1.0, 64), (1.0, 1.5, 67)], 1.5, SR, seed=0)
     text = "synthetic chorale, moderato, C major, 4/4, piano"
-    out = generate(text, melody=hum, melody_sample_rate=SR, duration=1.0, model=model, seed=0)
+    out = generate(text, melody=hum, melody_sample_rate=SR, duration=1.0, model=model, seed=0, top_k=1, cfg_coef=3.0)
     tokens = torch.from_numpy(out.tokens)  # [1, K, T]
     melody = load_melody(hum, SR, model.chroma.extractor.sample_rate)
-    assert torch.equal(resample_codes(model, tokens, text, melody, torch.Generator()), tokens)
+    assert torch.equal(model.draw_teacher_forced(tokens, [text], [melody], greedy, torch.Generator()), tokens)
 
 
 def test_hiss_command_end_to_end(fake_data, tiny_default_like_dir, tmp_path, capsys):

@@ -475,15 +475,17 @@ def test_checkpoints_of_the_earlier_format_are_refused_in_one_line(tmp_path, cap
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--adversarial"], ["--code-noise", "0.5"]])
+@pytest.mark.parametrize("extra", [[], ["--adversarial"], ["--code-noise", "0.5"], ["--lm", "@default", "--lm-noise", "1"]])
 def test_decoder_fine_tuning_keeps_every_token_and_changes_only_the_decoder(tmp_path, extra):
     """train.py decoder: the tuned codec encodes audio to exactly the same codes (an LM trained on them
-    stays valid), and only decoder weights moved, with or without the discriminator beside it or
-    swapped fine codes in its batches."""
+    stays valid), and only decoder weights moved, with or without the discriminator beside it,
+    swapped fine codes or the default model's LM-drawn codes in its batches."""
     from transformers import EncodecModel
 
     import train
     from musicgen_lite.checkpoints import DEFAULT_MODEL_DIR
+
+    extra = [str(DEFAULT_MODEL_DIR) if a == "@default" else a for a in extra]
 
     data = tmp_path / "data"
     data.mkdir()
@@ -525,3 +527,39 @@ def test_code_noise_outside_zero_to_one_is_refused_in_one_line(tmp_path, capsys)
                        "--out", str(tmp_path / "run"), "--code-noise", "1.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["train.py decoder: error: --code-noise must lie in [0, 1], got 1.5"]
+
+
+def test_lm_noise_replaces_whole_rows_with_the_lms_draws(tiny_default_like_dir):
+    """--lm-noise P: each row of a batch keeps its codes or takes the LM's draws for it, never a mix."""
+    from musicgen_lite import load_model
+    from musicgen_lite.training.codec_decoder import lm_drawn_codes
+
+    model = load_model(tiny_default_like_dir)
+    t = np.arange(32000) / 32000
+    wav = torch.from_numpy(np.stack([0.3 * np.sin(2 * np.pi * hz * t) for hz in (220.0, 330.0, 440.0, 550.0)]))
+    wav = wav.float()[:, None]  # [4, 1, N]
+    codes = model.codec.encode(wav)  # [4, K, T]
+    assert lm_drawn_codes(model, codes, wav, 0.0, gen(0)) is codes
+    drawn = lm_drawn_codes(model, codes, wav, 1.0, gen(0))
+    assert drawn.shape == codes.shape and 0 <= drawn.min() and drawn.max() < model.codec.codebook_size
+    assert all(not torch.equal(drawn[i], codes[i]) for i in range(4))  # a random tiny LM never guesses a whole row
+    half = lm_drawn_codes(model, codes, wav, 0.5, gen(1))
+    kept = [torch.equal(half[i], codes[i]) for i in range(4)]
+    assert any(kept) and not all(kept)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lm-noise", "0.5"], "--lm-noise needs --lm MODEL"),
+    (["--lm-noise", "2"], "--lm-noise must lie in [0, 1], got 2.0"),
+    (["--lm", "@tiny", "--lm-noise", "0.5"], "was not trained on this codec's tokens"),
+])
+def test_lm_noise_bad_input_is_one_line(tmp_path, capsys, tiny_default_like_dir, args, message):
+    import train
+    from musicgen_lite.checkpoints import DEFAULT_MODEL_DIR
+
+    write_dataset(tmp_path / "data", corrupt=False)
+    args = [str(tiny_default_like_dir) if a == "@tiny" else a for a in args]
+    assert train.main(["decoder", "--codec", str(DEFAULT_MODEL_DIR / "codec"), "--data", str(tmp_path / "data"),
+                       "--out", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

@@ -18,7 +18,7 @@ theirs), so the rows differ only in where the codes come from:
 "Resampled" rows are teacher-forced: the LM reads the true codes (every earlier code real) with the
 rendering's caption and its melody track (the mix where it has none) and the null condition for
 guidance, and each named code is drawn from its guided distribution with the model's sampling
-defaults (`sample_next`). So they show the LM's choices one step at a time, without its errors piling
+defaults (`MusicGen.draw_teacher_forced`). So they show the LM's choices one step at a time, without its errors piling
 up as they do in generation; `pairs` measures generated clips on the same scale.
 """
 
@@ -35,7 +35,6 @@ from conditioning.chroma import load_melody
 from ..audio_data import DataError
 from ..cli_errors import UsageError
 from ..model import MusicGen
-from ..sampling import classifier_free_guidance, sample_next
 from .pairs import held_out, texture_distance, texture_stats
 from .signal import SAMPLE_RATE, resample, to_mono
 
@@ -48,25 +47,6 @@ def swap_codes(codes: Tensor, books: list[int], generator: torch.Generator) -> T
         picks = torch.randint(codes.shape[-1], (codes.shape[0], codes.shape[-1]), generator=generator)
         out[:, k] = codes[:, k].gather(1, picks)
     return out
-
-
-@torch.no_grad()
-def resample_codes(model: MusicGen, codes: Tensor, text: str, melody: Tensor | None,
-                   generator: torch.Generator) -> Tensor:
-    """[1, K, T] true codes -> [1, K, T] codes drawn, each at its own pattern step, from the model's
-    guided distribution given every earlier true code (teacher forcing), with its sampling defaults."""
-    params = model.generation_defaults
-    feats = model.melody_features([melody]) if melody is not None else None
-    cond = model.conditions([text], feats, params.guided)
-    frames, cfg = codes.shape[-1], model.lm.cfg
-    seq = model.pattern.build(codes, cfg.special_token)  # [1, K, S]
-    logits = model.lm(seq[:, :, :-1].repeat(cond.rows, 1, 1), cond).float()  # [rows, K, S-1, V]: step s+1
-    if params.guided:
-        logits = classifier_free_guidance(logits, params.cfg_coef)  # [1, K, S-1, V]
-    u = torch.rand(logits.shape[:-1], generator=generator)  # [1, K, S-1]
-    drawn = sample_next(logits, params, u)  # [1, K, S-1]
-    drawn = torch.cat([seq[:, :, :1], drawn], dim=-1)  # step 0 is never a code
-    return model.pattern.revert(drawn, frames)  # [1, K, T]
 
 
 def run_hiss(model: MusicGen, data: Path, split: str = "valid", max_files: int = 24, seconds: float = 8.0,
@@ -87,7 +67,8 @@ def run_hiss(model: MusicGen, data: Path, split: str = "valid", max_files: int =
         codes = model.codec.encode(wav, SAMPLE_RATE)  # [1, K, T]
         line = r["melody"] if r["melody"] is not None else r["audio"]
         melody = load_melody(line, SAMPLE_RATE, model.chroma.extractor.sample_rate) if model.has_melody else None
-        drawn = resample_codes(model, codes, r["text"], melody, generator)
+        drawn = model.draw_teacher_forced(codes, [r["text"]], None if melody is None else [melody],
+                                          model.generation_defaults, generator)
         variants = {"codec": codes, f"swapped 2..{books}": swap_codes(codes, fine, generator),
                     "resampled 1": _mixed(codes, drawn, [0]), f"resampled 2..{books}": _mixed(codes, drawn, fine),
                     "resampled all": drawn}

@@ -15,7 +15,12 @@ An LM samples the fine codebooks (2..K) loosely, and a decoder that has only see
 codes turns a wrong fine code into hiss and false onsets. With --code-noise P each fine code of a
 training batch is, with probability P, replaced by a code of the same codebook drawn from the batch
 (so as common as the codes are), while the target stays the clean audio: the decoder learns to make
-less of codes that do not fit. The encoder, codebooks and tokens are unchanged either way.
+less of codes that do not fit. With --lm MODEL --lm-noise P a training segment's codes are, with
+probability P, replaced by the codes MODEL's LM draws for it, teacher-forced on its true codes, guided
+by the segment's own chromagram (against the null condition, with no caption) and sampled with MODEL's
+defaults: the kind of codes, coarse ones included, that the LM picks when it generates
+(`python -m musicgen_lite.evaluate hiss` shows how much hiss each kind makes). MODEL must have been
+trained on this codec's tokens. The encoder, codebooks and tokens are unchanged either way.
 
 RUN receives the whole codec (transformers EncodecModel format) every --save-every steps and at the
 end, written aside and renamed; run again on the same RUN to go on from the decoder saved there (the
@@ -34,8 +39,12 @@ import torch
 import torch.nn.functional as F
 from transformers import EncodecModel
 
+from conditioning.chroma import load_melody
+
+from ..checkpoints import load_model
 from ..cli_errors import UsageError
 from ..evaluate.signal import si_sdr
+from ..model import MusicGen
 from ..quiet import transformers_silenced
 from ..run_lock import RunInUse, RunLock
 from .codec import grads_finite, load_audio_data, sample_batch, save_encodec, validation_segments
@@ -62,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--code-noise", type=float, default=0.0, metavar="P",
                    help="chance that a fine code (codebooks 2..K) of a training batch is replaced by one drawn from "
                         "the batch's codes of that codebook (default 0: the encoder's codes as they are)")
+    p.add_argument("--lm", help="model directory (trained on this codec's tokens) whose LM draws the --lm-noise codes")
+    p.add_argument("--lm-noise", type=float, default=0.0, metavar="P",
+                   help="chance that a training segment's codes are replaced by the codes --lm's LM draws for it "
+                        "(teacher-forced on the true codes, guided by the segment's chromagram; default 0)")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--valid-segments", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -77,6 +90,36 @@ def corrupt_fine_codes(codes: torch.Tensor, p: float, generator: torch.Generator
     fine = torch.where(swap, fine.gather(1, picks), fine)
     out = codes.clone()
     out[:, 1:] = fine.view(codes.shape[1] - 1, codes.shape[0], codes.shape[2]).transpose(0, 1)
+    return out
+
+
+def load_noise_lm(path: str, codec: EncodecModel) -> MusicGen:
+    """The model whose LM draws --lm-noise codes, checked to speak `codec`'s tokens (the same codebooks)."""
+    try:
+        model = load_model(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(f"--lm: {e}") from None
+    ours = [layer.codebook.embed for layer in codec.quantizer.layers[: model.codec.num_codebooks]]
+    theirs = [layer.codebook.embed for layer in model.codec.model.quantizer.layers[: model.codec.num_codebooks]]
+    if len(ours) != len(theirs) or any(a.shape != b.shape or not torch.equal(a.float(), b.float()) for a, b in zip(ours, theirs)):
+        raise UsageError(f"--lm {path} was not trained on this codec's tokens (its codec's codebooks differ)")
+    model.lm.float()
+    return model
+
+
+def lm_drawn_codes(model: MusicGen, codes: torch.Tensor, wav: torch.Tensor, p: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """codes [B, K, T] with each row, with probability p, replaced by the codes `model`'s LM draws for
+    it given its true codes and its own audio wav [B, 1, N] as the melody (no caption)."""
+    rows = (torch.rand(codes.shape[0], generator=generator) < p).nonzero()[:, 0].tolist()
+    if not rows:
+        return codes
+    melody = None
+    if model.has_melody:
+        rate = model.chroma.extractor.sample_rate
+        melody = [load_melody(wav[i, 0], model.sample_rate, rate) for i in rows]
+    out = codes.clone()
+    out[rows] = model.draw_teacher_forced(codes[rows], [None] * len(rows), melody, model.generation_defaults, generator)
     return out
 
 
@@ -100,6 +143,7 @@ def tune(args: argparse.Namespace) -> None:
     length = max(1, round(args.segment_seconds * rate / hop)) * hop
     segments = validation_segments(data.valid, length, args.valid_segments)
     mel = MultiScaleMelLoss(rate)
+    noise_lm = load_noise_lm(args.lm, model) if args.lm_noise > 0 else None
     generator = torch.Generator().manual_seed(args.seed)
     optimizer = torch.optim.Adam(model.decoder.parameters(), lr=args.lr, betas=(0.5, 0.9))
     disc = MultiScaleSTFTDiscriminator(TrainConfig.disc_filters) if args.adversarial else None
@@ -114,6 +158,8 @@ def tune(args: argparse.Namespace) -> None:
             codes = model.encode(wav, bandwidth=bandwidth).audio_codes[0]  # [B, K, T]
             if args.code_noise > 0:
                 codes = corrupt_fine_codes(codes, args.code_noise, generator)
+            if noise_lm is not None:
+                codes = lm_drawn_codes(noise_lm, codes, wav, args.lm_noise, generator)
             quantized = model.quantizer.decode(codes.transpose(0, 1))  # [B, D, T]
         model.decoder.train()
         recon = model.decoder(quantized)[..., : wav.shape[-1]]
@@ -153,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not 0.0 <= args.code_noise <= 1.0:
             raise UsageError(f"--code-noise must lie in [0, 1], got {args.code_noise}")
+        if not 0.0 <= args.lm_noise <= 1.0:
+            raise UsageError(f"--lm-noise must lie in [0, 1], got {args.lm_noise}")
+        if args.lm_noise > 0 and args.lm is None:
+            raise UsageError("--lm-noise needs --lm MODEL, the model whose LM draws the codes")
         if not (Path(args.codec) / "config.json").is_file():
             raise UsageError(f"--codec {args.codec} has no config.json (a transformers EncodecModel directory)")
         args.out.mkdir(parents=True, exist_ok=True)

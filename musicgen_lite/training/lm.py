@@ -39,6 +39,8 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from conditioning.null import NO_CAPTION
+
 from ..audio_data import Clip, DataError, TokenCache, scan
 from ..cli_errors import UsageError
 from ..model import MusicGen
@@ -55,7 +57,7 @@ from .checkpoints import (
     set_rng_state,
 )
 from .lm_batches import Batch, Segments, augment_caption, chroma_frames, make_batch, validation_segments
-from .lm_config import NO_CAPTION, PROG, Config, check_architecture, parse_args
+from .lm_config import PROG, Config, check_architecture, parse_args
 from .lm_model import TeacherForcing, build_base, publish, remove_leftovers, trainable_state, weights_digest
 from .log import RunLog
 from .processes import Dist, autocast_dtype, setup_processes

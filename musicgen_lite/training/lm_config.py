@@ -37,7 +37,6 @@ PRESETS = {
 }
 DEFAULT_PRESET = "small-cpu"
 TOKENIZER_VOCAB = 2048  # upper bound; sentencepiece stops at what the captions support
-NO_CAPTION = "none"  # what the text encoder reads for an uncaptioned row, whose condition is then nulled
 ARCHITECTURE_KEYS = ("model", "preset", "codec", "text_encoder", "melody", "train_text_encoder", "segment_seconds")
 
 
