@@ -530,14 +530,15 @@ def test_code_noise_outside_zero_to_one_is_refused_in_one_line(tmp_path, capsys)
 
 
 def test_lm_noise_replaces_whole_rows_with_the_lms_draws(tiny_default_like_dir):
-    """--lm-noise P: each row of a batch keeps its codes or takes the LM's draws for it, never a mix."""
+    """--lm-noise P: each row of a batch keeps its codes or takes the LM's draws for it, never a mix; a
+    silent row is drawn under the null melody."""
     from musicgen_lite import load_model
     from musicgen_lite.training.codec_decoder import lm_drawn_codes
 
     model = load_model(tiny_default_like_dir)
     t = np.arange(32000) / 32000
-    wav = torch.from_numpy(np.stack([0.3 * np.sin(2 * np.pi * hz * t) for hz in (220.0, 330.0, 440.0, 550.0)]))
-    wav = wav.float()[:, None]  # [4, 1, N]
+    wav = torch.from_numpy(np.stack([0.3 * np.sin(2 * np.pi * hz * t) for hz in (220.0, 330.0, 440.0, 0.0)]))
+    wav = wav.float()[:, None]  # [4, 1, N], the last row silent (as a zero-padded segment can be)
     codes = model.codec.encode(wav)  # [4, K, T]
     assert lm_drawn_codes(model, codes, wav, 0.0, gen(0)) is codes
     drawn = lm_drawn_codes(model, codes, wav, 1.0, gen(0))

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from transformers import EncodecModel
 
-from conditioning.chroma import load_melody
+from conditioning.chroma import MIN_PEAK, load_melody
 
 from ..checkpoints import load_model
 from ..cli_errors import UsageError
@@ -110,14 +110,16 @@ def load_noise_lm(path: str, codec: EncodecModel) -> MusicGen:
 def lm_drawn_codes(model: MusicGen, codes: torch.Tensor, wav: torch.Tensor, p: float,
                    generator: torch.Generator) -> torch.Tensor:
     """codes [B, K, T] with each row, with probability p, replaced by the codes `model`'s LM draws for
-    it given its true codes and its own audio wav [B, 1, N] as the melody (no caption)."""
+    it given its true codes and its own audio wav [B, 1, N] as the melody (no caption; a silent segment
+    gets the null melody)."""
     rows = (torch.rand(codes.shape[0], generator=generator) < p).nonzero()[:, 0].tolist()
     if not rows:
         return codes
     melody = None
     if model.has_melody:
         rate = model.chroma.extractor.sample_rate
-        melody = [load_melody(wav[i, 0], model.sample_rate, rate) for i in rows]
+        melody = [load_melody(wav[i, 0], model.sample_rate, rate) if wav[i].abs().max() >= MIN_PEAK else None
+                  for i in rows]  # a silent segment has no tune: the null melody
     out = codes.clone()
     out[rows] = model.draw_teacher_forced(codes[rows], [None] * len(rows), melody, model.generation_defaults, generator)
     return out
