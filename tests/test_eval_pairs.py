@@ -266,3 +266,13 @@ def test_hiss_command_end_to_end(fake_data, tiny_default_like_dir, tmp_path, cap
     assert evaluate_main(["hiss", "--model", "x", "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "metadata.jsonl" in err
+
+
+def test_hiss_reads_the_mix_where_a_melody_track_is_silent(fake_data, tiny_default_like_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(fake_data, data)
+    sf.write(data / "melody" / "w" / "1.wav", np.zeros(12 * SR, dtype=np.float32), SR)
+    argv = ["hiss", "--model", str(tiny_default_like_dir), "--data", str(data), "--split", "test", "--seconds", "1"]
+    assert evaluate_main(argv) == 0

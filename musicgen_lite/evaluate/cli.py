@@ -144,7 +144,6 @@ def pairs_main(argv: list[str]) -> int:
     return run_command(parser.prog, body, "interrupted; nothing written")
 
 
-
 def hiss_main(argv: list[str]) -> int:
     """`python -m musicgen_lite.evaluate hiss`: the texture of held-out renderings decoded from the codec's
     codes, from swapped fine codes and from codes the LM draws (hiss.py)."""

@@ -16,10 +16,11 @@ theirs), so the rows differ only in where the codes come from:
     resampled all        ... of every codebook
 
 "Resampled" rows are teacher-forced: the LM reads the true codes (every earlier code real) with the
-rendering's caption and its melody track (the mix where it has none) and the null condition for
-guidance, and each named code is drawn from its guided distribution with the model's sampling
-defaults (`MusicGen.draw_teacher_forced`). So they show the LM's choices one step at a time, without its errors piling
-up as they do in generation; `pairs` measures generated clips on the same scale.
+rendering's caption and its melody track (the mix where it has none or it is silent) and the null
+condition for guidance, and each named code is drawn from its guided distribution with the model's
+sampling defaults (`MusicGen.draw_teacher_forced`). So they show the LM's choices one step at a time,
+without its errors piling up as they do in generation; `pairs` measures generated clips on the same
+scale.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from conditioning.chroma import load_melody
+from conditioning.chroma import MIN_PEAK, load_melody
 
 from ..audio_data import DataError
 from ..cli_errors import UsageError
@@ -65,7 +66,8 @@ def run_hiss(model: MusicGen, data: Path, split: str = "valid", max_files: int =
     for r in renderings:
         wav = torch.from_numpy(r["audio"]).float()[None, None]  # [1, 1, N] at SAMPLE_RATE
         codes = model.codec.encode(wav, SAMPLE_RATE)  # [1, K, T]
-        line = r["melody"] if r["melody"] is not None else r["audio"]
+        hummed = r["melody"] is not None and abs(r["melody"]).max() >= MIN_PEAK
+        line = r["melody"] if hummed else r["audio"]
         melody = load_melody(line, SAMPLE_RATE, model.chroma.extractor.sample_rate) if model.has_melody else None
         drawn = model.draw_teacher_forced(codes, [r["text"]], None if melody is None else [melody],
                                           model.generation_defaults, generator)
