@@ -23,6 +23,9 @@ needs:
 The buffers (`inited`, `cluster_size`, `embed`, `embed_avg`) and the nearest-codeword
 arithmetic are those of transformers' `EncodecEuclideanCodebook`, so `export_to` gives an
 `EncodecModel` that encodes to exactly the codes this module computes.
+
+`swap_fine_codes` replaces fine codes by others of the same codebook: what a decoder makes of fine
+codes that do not fit their coarse one (decoder training's --code-noise, `evaluate hiss`).
 """
 from __future__ import annotations
 
@@ -261,3 +264,16 @@ class ResidualVQ(nn.Module):
                     getattr(other, name).copy_(getattr(ours, name))
                 else:
                     getattr(ours, name).copy_(getattr(other, name))
+
+
+def swap_fine_codes(codes: Tensor, p: float, generator: torch.Generator) -> Tensor:
+    """codes [B, K, T] with each code of codebooks 2..K replaced, with probability p, by a code of the
+    same codebook drawn uniformly from the batch's B x T codes of it (for B = 1, the clip's own);
+    codebook 1 is kept."""
+    fine = codes[:, 1:].transpose(0, 1).reshape(codes.shape[1] - 1, -1)  # [K-1, B*T]
+    picks = torch.randint(fine.shape[1], fine.shape, generator=generator)  # [K-1, B*T]
+    swap = torch.rand(fine.shape, generator=generator) < p
+    fine = torch.where(swap, fine.gather(1, picks), fine)
+    out = codes.clone()
+    out[:, 1:] = fine.view(codes.shape[1] - 1, codes.shape[0], codes.shape[2]).transpose(0, 1)
+    return out

@@ -14,7 +14,7 @@ import torch
 from transformers import EncodecModel
 
 from codebooks.codec import EncodecCodec
-from codebooks.rvq import EMACodebook, ResidualVQ
+from codebooks.rvq import EMACodebook, ResidualVQ, swap_fine_codes
 from musicgen_lite.audio_data import hash_split
 from musicgen_lite.evaluate.signal import si_sdr
 from musicgen_lite.training.checkpoints import read_checkpoint
@@ -506,12 +506,10 @@ def test_decoder_fine_tuning_keeps_every_token_and_changes_only_the_decoder(tmp_
 def test_code_noise_swaps_only_fine_codes_for_codes_of_the_same_codebook():
     """train.py decoder --code-noise: codebook 1 is kept; a fine code is swapped with about the asked
     probability, for a code its own codebook used in the batch."""
-    from musicgen_lite.training.codec_decoder import corrupt_fine_codes
-
     g = torch.Generator().manual_seed(0)
     codes = torch.stack([torch.randint(k * 100, k * 100 + 50, (4, 500), generator=g) for k in range(4)], dim=1)  # [4, 4, 500]
-    assert torch.equal(corrupt_fine_codes(codes, 0.0, g), codes)
-    noisy = corrupt_fine_codes(codes, 0.3, g)
+    assert torch.equal(swap_fine_codes(codes, 0.0, g), codes)
+    noisy = swap_fine_codes(codes, 0.3, g)
     assert noisy.shape == codes.shape and torch.equal(noisy[:, 0], codes[:, 0])
     changed = (noisy[:, 1:] != codes[:, 1:]).float().mean().item()
     assert 0.3 * 49 / 50 - 0.03 < changed < 0.3 + 0.03  # a swap may draw the same code (1 in 50 here)

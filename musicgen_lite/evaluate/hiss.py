@@ -8,9 +8,9 @@ the audio (`pairs.texture_stats`) against the renderings themselves (`pairs.text
 theirs), so the rows differ only in where the codes come from:
 
     codec                the codec's own codes (encode, decode): where any LM on this codec starts
-    swapped 2..K         codebooks 2..K each replaced by codes drawn at random from the same clip's
-                         codes of that codebook (its unigram): what the decoder makes of fine codes
-                         that do not fit the coarse one
+    swapped 2..K         every code of codebooks 2..K replaced by one drawn at random from the same
+                         clip's codes of that codebook (its unigram; `swap_fine_codes`): what the
+                         decoder makes of fine codes that do not fit the coarse one
     resampled 1          the codes of codebook 1, drawn from the LM's guided distributions ...
     resampled 2..K       ... of codebooks 2..K ...
     resampled all        ... of every codebook
@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from codebooks.rvq import swap_fine_codes
 from conditioning.chroma import MIN_PEAK, load_melody
 
 from ..audio_data import DataError
@@ -38,16 +39,6 @@ from ..cli_errors import UsageError
 from ..model import MusicGen
 from .pairs import held_out, texture_distance, texture_stats
 from .signal import SAMPLE_RATE, resample, to_mono
-
-
-def swap_codes(codes: Tensor, books: list[int], generator: torch.Generator) -> Tensor:
-    """codes [B, K, T] with the codes of `books` (0-based) each replaced by a code drawn uniformly
-    from the same row's T codes of that codebook."""
-    out = codes.clone()
-    for k in books:
-        picks = torch.randint(codes.shape[-1], (codes.shape[0], codes.shape[-1]), generator=generator)
-        out[:, k] = codes[:, k].gather(1, picks)
-    return out
 
 
 def run_hiss(model: MusicGen, data: Path, split: str = "valid", max_files: int = 24, seconds: float = 8.0,
@@ -71,7 +62,7 @@ def run_hiss(model: MusicGen, data: Path, split: str = "valid", max_files: int =
         melody = load_melody(line, SAMPLE_RATE, model.chroma.extractor.sample_rate) if model.has_melody else None
         drawn = model.draw_teacher_forced(codes, [r["text"]], None if melody is None else [melody],
                                           model.generation_defaults, generator)
-        variants = {"codec": codes, f"swapped 2..{books}": swap_codes(codes, fine, generator),
+        variants = {"codec": codes, f"swapped 2..{books}": swap_fine_codes(codes, 1.0, generator),
                     "resampled 1": _mixed(codes, drawn, [0]), f"resampled 2..{books}": _mixed(codes, drawn, fine),
                     "resampled all": drawn}
         for name, variant in variants.items():

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from transformers import EncodecModel
 
+from codebooks.rvq import swap_fine_codes
 from conditioning.chroma import MIN_PEAK, load_melody
 
 from ..checkpoints import load_model
@@ -79,18 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid-segments", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     return p
-
-
-def corrupt_fine_codes(codes: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    """codes [B, K, T] with each code of codebooks 2..K replaced, with probability p, by a code of the
-    same codebook drawn uniformly from the batch's B x T codes of it; codebook 1 is kept."""
-    fine = codes[:, 1:].transpose(0, 1).reshape(codes.shape[1] - 1, -1)  # [K-1, B*T]
-    picks = torch.randint(fine.shape[1], fine.shape, generator=generator)  # [K-1, B*T]
-    swap = torch.rand(fine.shape, generator=generator) < p
-    fine = torch.where(swap, fine.gather(1, picks), fine)
-    out = codes.clone()
-    out[:, 1:] = fine.view(codes.shape[1] - 1, codes.shape[0], codes.shape[2]).transpose(0, 1)
-    return out
 
 
 def load_noise_lm(path: str, codec: EncodecModel) -> MusicGen:
@@ -159,7 +148,7 @@ def tune(args: argparse.Namespace) -> None:
         with torch.no_grad():
             codes = model.encode(wav, bandwidth=bandwidth).audio_codes[0]  # [B, K, T]
             if args.code_noise > 0:
-                codes = corrupt_fine_codes(codes, args.code_noise, generator)
+                codes = swap_fine_codes(codes, args.code_noise, generator)
             if noise_lm is not None:
                 codes = lm_drawn_codes(noise_lm, codes, wav, args.lm_noise, generator)
             quantized = model.quantizer.decode(codes.transpose(0, 1))  # [B, D, T]
