@@ -19,6 +19,10 @@ Codecs with `normalize=True` divide the input by its RMS before encoding; the sc
 not part of the tokens (an LM cannot predict it), so decoded audio comes back at that
 normalized loudness. Codecs with `chunk_length_s` encode overlapping chunks whose codes
 do not form one frame sequence, so they are rejected.
+
+A codec whose config carries `rvq_beam_width` > 1 (one trained with it, `train.py codec
+--beam-width`) chooses its codes by beam search (`codebooks.rvq.beam_search_codes`) rather than
+transformers' greedy stage-by-stage choice; the decoder and the codes' meaning are the same.
 """
 from __future__ import annotations
 
@@ -31,9 +35,18 @@ import torch
 from transformers import EncodecConfig, EncodecModel
 
 from codebooks.audio import resample
+from codebooks.rvq import beam_search_codes
 
 
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def rvq_beam_width(config: EncodecConfig) -> int:
+    """The beam width a codec's codes are searched with: its config's `rvq_beam_width`, else 1 (greedy)."""
+    width = getattr(config, "rvq_beam_width", 1)
+    if not isinstance(width, int) or width < 1:
+        raise ValueError(f"rvq_beam_width must be a positive int, got {width!r}")
+    return width
 
 
 @contextmanager
@@ -79,6 +92,7 @@ class EncodecCodec(torch.nn.Module):
             )
         self._bandwidth = min(enough)
         self._num_codebooks = num_codebooks
+        self.beam_width = rvq_beam_width(config)
 
     @classmethod
     def from_config(cls, config: EncodecConfig, num_codebooks: int | None = None) -> EncodecCodec:
@@ -161,8 +175,16 @@ class EncodecCodec(torch.nn.Module):
         """
         wav = self._prepare(wav, sample_rate)  # [B, channels, N']
         with _eval_mode(self.model):
-            encoded = self.model.encode(wav, bandwidth=self._bandwidth, return_dict=True)
-        return encoded.audio_codes[0, :, : self.num_codebooks]  # [1, B, K', T] -> [B, K, T]
+            if self.beam_width == 1:
+                encoded = self.model.encode(wav, bandwidth=self._bandwidth, return_dict=True)
+                return encoded.audio_codes[0, :, : self.num_codebooks]  # [1, B, K', T] -> [B, K, T]
+            if self.model.config.normalize:  # as EncodecModel._encode_frame: the mono RMS, kept out of the codes
+                wav = wav / (wav.mean(1, keepdim=True).pow(2).mean(-1, keepdim=True).sqrt() + 1e-8)
+            latents = self.model.encoder(wav)  # [B, D, T]
+        B, D, T = latents.shape
+        embeds = [layer.codebook.embed for layer in self.model.quantizer.layers[: self.num_codebooks]]
+        codes = beam_search_codes(latents.transpose(1, 2).reshape(-1, D), embeds, self.beam_width)  # [B*T, K]
+        return codes.view(B, T, -1).transpose(1, 2)  # [B, K, T]
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

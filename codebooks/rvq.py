@@ -24,6 +24,11 @@ The buffers (`inited`, `cluster_size`, `embed`, `embed_avg`) and the nearest-cod
 arithmetic are those of transformers' `EncodecEuclideanCodebook`, so `export_to` gives an
 `EncodecModel` that encodes to exactly the codes this module computes.
 
+Greedy stage-by-stage choice is not the nearest sum of K codewords. `beam_search_codes` keeps the
+`width` best partial sums at every stage instead of one (width 1 is the greedy search, code for code),
+and a codec whose config names an `rvq_beam_width` encodes and trains with it: the sum lands nearer
+its latent, and the decoded audio nearer the input, at the same bitrate and with the same decoder.
+
 `swap_fine_codes` replaces fine codes by others of the same codebook: what a decoder makes of fine
 codes that do not fit their coarse one (decoder training's --code-noise, `evaluate hiss`).
 """
@@ -45,6 +50,43 @@ def nearest(x: Tensor, embed: Tensor) -> Tensor:
     embed_t = embed.t()  # [D, C]
     dist = -(x.pow(2).sum(1, keepdim=True) - 2 * x @ embed_t + embed_t.pow(2).sum(0, keepdim=True))  # [N, C]
     return dist.max(dim=-1).indices
+
+
+BEAM_CHUNK = 4096  # frames searched at once: width x C distances each, so memory stays bounded
+
+
+def beam_search_codes(x: Tensor, embeds: list[Tensor], width: int) -> Tensor:
+    """Codes [N, K] whose codeword sums sum_k embeds[k][codes[:, k]] lie near the rows of x [N, D].
+
+    Each frame is searched on its own: after stage k the `width` partial sums nearest to x are kept
+    (out of width x C extensions), and the nearest full sum wins. Width 1 is greedy residual VQ and
+    calls `nearest`, so its codes are transformers' own; a width of C^(K-1) or more is exhaustive.
+    """
+    if width < 1:
+        raise ValueError(f"beam width must be >= 1, got {width}")
+    if width == 1:
+        codes, residual = [], x
+        for embed in embeds:
+            codes.append(nearest(residual, embed))
+            residual = residual - F.embedding(codes[-1], embed)
+        return torch.stack(codes, 1)
+    return torch.cat([_beam_search(chunk, embeds, width) for chunk in x.split(BEAM_CHUNK)])
+
+
+def _beam_search(x: Tensor, embeds: list[Tensor], width: int) -> Tensor:
+    N, D = x.shape
+    residual = x[:, None]  # [N, b, D]: what each kept partial sum leaves of x (b = 1 before stage 1)
+    error = residual.pow(2).sum(-1)  # [N, b]
+    codes = x.new_zeros(N, 1, 0, dtype=torch.long)  # [N, b, k]
+    for embed in embeds:
+        C = embed.shape[0]
+        # |r - e_c|^2 = |r|^2 - 2 r.e_c + |e_c|^2 for every kept residual r and codeword c: [N, b, C]
+        candidates = error[:, :, None] - 2 * residual @ embed.t() + embed.pow(2).sum(1)
+        error, flat = candidates.flatten(1).topk(min(width, candidates[0].numel()), dim=1, largest=False)  # [N, b']
+        parent, code = flat // C, flat % C
+        residual = residual.gather(1, parent[..., None].expand(-1, -1, D)) - embed[code]
+        codes = torch.cat([codes.gather(1, parent[..., None].expand(-1, -1, codes.shape[2])), code[..., None]], 2)
+    return codes[torch.arange(N), error.argmin(1)]  # [N, K]
 
 
 def _kmeans_plus_plus(x: Tensor, n: int) -> Tensor:
@@ -178,11 +220,15 @@ class ResidualVQ(nn.Module):
         decay: float = 0.99,
         dead_threshold: float = 0.1,
         kmeans_iters: int = 10,
+        beam_width: int = 1,
     ) -> None:
         super().__init__()
         if num_codebooks < 1:
             raise ValueError(f"num_codebooks must be >= 1, got {num_codebooks}")
+        if beam_width < 1:
+            raise ValueError(f"beam_width must be >= 1, got {beam_width}")
         self.dim = dim
+        self.beam_width = beam_width
         self.codebook_size = codebook_size
         self.layers = nn.ModuleList(
             EMACodebook(codebook_size, dim, decay, dead_threshold, kmeans_iters) for _ in range(num_codebooks)
@@ -221,9 +267,9 @@ class ResidualVQ(nn.Module):
         residual = x.detach()
         quantized = torch.zeros_like(residual)  # [B*T, D]
         codes, commit = [], []
-        for layer in self.layers:
-            stage_codes = layer.encode(residual)  # [B*T]
-            stage = layer.decode(stage_codes)  # [B*T, D]
+        searched = beam_search_codes(residual, [layer.embed for layer in self.layers], self.beam_width)  # [B*T, K]
+        for layer, stage_codes in zip(self.layers, searched.unbind(1)):
+            stage = layer.decode(stage_codes)  # [B*T, D]; each codebook learns the residual it was chosen for
             if learn:
                 layer.update(residual, stage_codes)
             residual = residual - stage

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from transformers import EncodecConfig, EncodecModel
 
+from codebooks.codec import rvq_beam_width
 from codebooks.rvq import ResidualVQ
 
 
@@ -35,7 +36,8 @@ class Codec(nn.Module):
         self.encoder = base.encoder
         self.decoder = base.decoder
         num_codebooks = len(base.quantizer.layers)
-        self.quantizer = ResidualVQ(config.codebook_dim, num_codebooks, config.codebook_size, decay, dead_threshold)
+        self.quantizer = ResidualVQ(config.codebook_dim, num_codebooks, config.codebook_size, decay, dead_threshold,
+                                    beam_width=rvq_beam_width(config))
 
     def forward(self, wav: Tensor, quantize: bool = True) -> CodecOutput:
         """wav [B, 1, N] -> recon [B, 1, N]; with quantize=False the decoder sees the unquantized latents."""

@@ -104,6 +104,26 @@ def test_encode_decode_match_transformers(codec, oracle):
     torch.testing.assert_close(audio, oracle_decode(oracle, codes)[..., : 11 * 640])
 
 
+def test_a_codec_with_a_beam_width_searches_its_codes_and_decodes_as_before(checkpoint, oracle, tmp_path):
+    config = EncodecConfig.from_pretrained(checkpoint)
+    config.rvq_beam_width = 16
+    EncodecModel.from_pretrained(str(checkpoint), config=config).save_pretrained(tmp_path)
+    beam = EncodecCodec.from_pretrained(tmp_path)
+    assert beam.beam_width == 16 and EncodecCodec.from_pretrained(checkpoint).beam_width == 1
+    wav = noise(2, 1, 16000, seed=4)
+    codes, greedy = beam.encode(wav), oracle_encode(oracle, wav, 1.2)
+    assert codes.shape == greedy.shape and not torch.equal(codes, greedy)
+    with torch.no_grad():
+        latents = oracle.encoder(wav)  # [B, D, T]
+        embeds = [layer.codebook.embed for layer in oracle.quantizer.layers[:4]]
+        error = lambda c: (latents - sum(e[c[:, k]] for k, e in enumerate(embeds)).transpose(1, 2)).pow(2).sum()  # noqa: E731
+    assert error(codes) < error(greedy)  # the searched sums lie nearer the latents
+    torch.testing.assert_close(beam.decode(codes), oracle_decode(oracle, codes)[..., : codes.shape[-1] * 640])
+    config.rvq_beam_width = 0
+    with pytest.raises(ValueError, match="rvq_beam_width"):
+        EncodecCodec(EncodecModel(config))
+
+
 def test_resamples_and_downmixes_44k1_stereo(codec, oracle):
     wav = noise(2, 2, 13230, seed=2)  # 0.3 s at 44.1 kHz
     codes = codec.encode(wav, sample_rate=44100)

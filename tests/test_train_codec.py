@@ -14,7 +14,8 @@ import torch
 from transformers import EncodecModel
 
 from codebooks.codec import EncodecCodec
-from codebooks.rvq import EMACodebook, ResidualVQ, swap_fine_codes
+from codebooks import rvq as rvq_module
+from codebooks.rvq import EMACodebook, ResidualVQ, beam_search_codes, nearest, swap_fine_codes
 from musicgen_lite.audio_data import hash_split
 from musicgen_lite.evaluate.signal import si_sdr
 from musicgen_lite.training.checkpoints import read_checkpoint
@@ -135,6 +136,50 @@ def test_rvq_training_forward_initialises_updates_and_passes_gradients_straight_
     assert all(torch.equal(frozen[k], v) for k, v in rvq.state_dict().items())
 
 
+def test_beam_search_is_greedy_at_width_one_and_exhaustive_when_wide(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(300, 4)
+    embeds = [torch.randn(8, 4) * scale for scale in (1.0, 0.6, 0.3)]
+    sums = lambda codes: sum(e[codes[:, k]] for k, e in enumerate(embeds))  # noqa: E731
+    error = lambda codes: (x - sums(codes)).pow(2).sum(1)  # noqa: E731
+    # width 1: the stage-by-stage nearest codeword, as transformers encodes
+    greedy, residual = [], x
+    for e in embeds:
+        greedy.append(nearest(residual, e))
+        residual = residual - e[greedy[-1]]
+    assert torch.equal(beam_search_codes(x, embeds, 1), torch.stack(greedy, 1))
+    # width C^(K-1) = 64 keeps every partial sum until the last stage: the best of all 512 code triples
+    grid = torch.cartesian_prod(*(torch.arange(8),) * 3)  # [512, 3]
+    best = (x[:, None] - sums(grid)[None]).pow(2).sum(-1).min(1).values  # [300]
+    exhaustive = beam_search_codes(x, embeds, 64)
+    torch.testing.assert_close(error(exhaustive), best)
+    # in between: nearer than greedy on average, never nearer than the optimum
+    middle = error(beam_search_codes(x, embeds, 4))
+    assert middle.mean() < error(torch.stack(greedy, 1)).mean() and (middle >= best - 1e-5).all()
+    # long inputs are searched in chunks with the same result
+    monkeypatch.setattr(rvq_module, "BEAM_CHUNK", 7)
+    assert torch.equal(beam_search_codes(x, embeds, 64), exhaustive)
+    with pytest.raises(ValueError, match="beam width"):
+        beam_search_codes(x, embeds, 0)
+
+
+def test_rvq_with_a_beam_width_trains_each_codebook_on_the_residual_of_the_searched_codes():
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=4, num_codebooks=3, codebook_size=16, beam_width=8).train()
+    rvq(torch.randn(2, 4, 30))
+    before = copy.deepcopy(rvq)
+    latents = torch.randn(2, 4, 30)
+    out = rvq(latents)
+    x = latents.transpose(1, 2).reshape(-1, 4)
+    searched = beam_search_codes(x, [layer.embed for layer in before.layers], 8)  # [60, 3]
+    assert torch.equal(out.codes, searched.view(2, 30, 3).permute(0, 2, 1))
+    torch.testing.assert_close(out.quantized, before.decode(out.codes))
+    # codebook 2's EMA moved toward what codebook 1's searched code left of each latent
+    expected = copy.deepcopy(before.layers[1])
+    expected.update(x - before.layers[0].embed[searched[:, 0]], searched[:, 1])
+    torch.testing.assert_close(rvq.layers[1].embed_avg, expected.embed_avg)
+
+
 def test_rvq_ignores_non_finite_latents():
     torch.manual_seed(0)
     rvq = ResidualVQ(dim=4, num_codebooks=2, codebook_size=8).train()
@@ -236,12 +281,13 @@ def test_training_lowers_the_loss_and_logs_validation(trained):
 
 
 @pytest.mark.slow
-def test_export_loads_with_encodec_codec_and_matches_our_rvq(tmp_path):
+@pytest.mark.parametrize("beam_width", [None, 4])
+def test_export_loads_with_encodec_codec_and_matches_our_rvq(tmp_path, beam_width):
     data = load_audio_data(write_dataset(tmp_path / "data", corrupt=False), SR, valid_fraction=0.1)
     # A small learning rate: the EMA codebooks (and dead-code replacement) see a few steps of a barely moving
     # encoder, so they stay spread over its latents and the codes below vary with the input.
     cfg = TrainConfig(data="", out="", filters=4, hidden_size=8, codebooks=3, codebook_size=16, segment_seconds=0.2,
-                      batch_size=4, kmeans_batches=4, lr=1e-6)  # fmt: skip
+                      batch_size=4, kmeans_batches=4, lr=1e-6, beam_width=beam_width)  # fmt: skip
     t = build_trainer(cfg, torch.device("cpu"))
     initialize_codebooks(t, data, torch.device("cpu"))
     for _ in range(3):
@@ -255,6 +301,7 @@ def test_export_loads_with_encodec_codec_and_matches_our_rvq(tmp_path):
     codec = EncodecCodec.from_pretrained(run)
     assert (codec.num_codebooks, codec.codebook_size, codec.sample_rate, codec.frame_rate) == (3, 16, SR, 50)
     assert codec.model.config.normalize is False and codec.model.config.chunk_length_s is None
+    assert codec.beam_width == (beam_width or 1)  # the codec encodes as it was trained
     wav = torch.cat([w.read(0, SR // 2) for w in data.train + data.valid])[None, None]  # every tone in turn, [1, 1, N]
     with torch.no_grad():
         out = ours(wav)
@@ -475,11 +522,13 @@ def test_checkpoints_of_the_earlier_format_are_refused_in_one_line(tmp_path, cap
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--adversarial"], ["--code-noise", "0.5"], ["--lm", "@default", "--lm-noise", "1"]])
+@pytest.mark.parametrize("extra", [[], ["--adversarial"], ["--code-noise", "0.5"], ["--lm", "@default", "--lm-noise", "1"],
+                                   ["--beam-width", "4"]])
 def test_decoder_fine_tuning_keeps_every_token_and_changes_only_the_decoder(tmp_path, extra):
     """train.py decoder: the tuned codec encodes audio to exactly the same codes (an LM trained on them
     stays valid), and only decoder weights moved, with or without the discriminator beside it,
-    swapped fine codes or the default model's LM-drawn codes in its batches."""
+    swapped fine codes or the default model's LM-drawn codes in its batches. With --beam-width the
+    codebooks stay and the saved codec searches its codes with that width."""
     from transformers import EncodecModel
 
     import train
@@ -500,7 +549,11 @@ def test_decoder_fine_tuning_keeps_every_token_and_changes_only_the_decoder(tmp_
     moved = {name for name, p in after.state_dict().items() if not torch.equal(p, before.state_dict()[name])}
     assert moved and all(name.startswith("decoder.") for name in moved)
     wav = torch.from_numpy(sf.read(data / "tone1.wav", dtype="float32")[0])[None, None]
-    assert torch.equal(EncodecCodec.from_pretrained(codec_dir).encode(wav), EncodecCodec.from_pretrained(out).encode(wav))
+    original, tuned = EncodecCodec.from_pretrained(codec_dir), EncodecCodec.from_pretrained(out)
+    if "--beam-width" in extra:
+        assert tuned.beam_width == 4 and tuned.model.config.rvq_beam_width == 4
+        original.beam_width = 4
+    assert torch.equal(original.encode(wav), tuned.encode(wav))
 
 
 def test_code_noise_swaps_only_fine_codes_for_codes_of_the_same_codebook():

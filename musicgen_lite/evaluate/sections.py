@@ -132,6 +132,7 @@ def evaluate_codec(model: MusicGen, excerpts: list[Excerpt]) -> dict:
         rows.append(row)
     report = {
         "bitrate_kbps": codec_bitrate_kbps(model),
+        "beam_width": model.codec.beam_width,
         "goal_bitrate_kbps": GOAL_BITRATE_KBPS,
         "si_sdr_db": np.mean([r["si_sdr_db"] for r in rows]),
         "log_mel_distance": np.mean([r["log_mel_distance"] for r in rows]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ class TrainConfig:
     commit_weight: float = 0.25
     quantize_prob: float = 0.5  # probability that a warm-up step quantizes
     quantize_warmup: int | None = None  # steps before every step quantizes (None: WARMUP_STEPS, 0 from --codec)
+    beam_width: int | None = None  # RVQ beam search width, saved in the codec's config (None: 1, or --codec's own)
     # reconstruction losses
     l1_weight: float = 1.0
     mse_weight: float = 10.0
@@ -111,6 +113,8 @@ class TrainConfig:
             raise UsageError(f"--ratios must be positive integers, got {','.join(map(str, self.ratios))}")
         if self.codebook_size < 2 or self.codebook_size & (self.codebook_size - 1):
             raise UsageError(f"--codebook-size must be a power of two >= 2, got {self.codebook_size}")
+        if self.beam_width is not None and self.beam_width < 1:
+            raise UsageError(f"--beam-width must be >= 1, got {self.beam_width}")
         if not 0.0 < self.ema_decay < 1.0:
             raise UsageError(f"--ema-decay must lie in (0, 1), got {self.ema_decay}")
         if not 0.0 <= self.quantize_prob <= 1.0:
@@ -181,7 +185,10 @@ def read_source_config(path: str) -> EncodecConfig:
 
 def build_codec(cfg: TrainConfig, config: EncodecConfig | None = None) -> Codec:
     """A trainable codec of `config` (a codec started from), else of the architecture options."""
-    return Codec(config or encodec_config(cfg), cfg.ema_decay, cfg.dead_threshold)
+    config = copy.deepcopy(config) if config is not None else encodec_config(cfg)
+    if cfg.beam_width is not None:
+        config.rvq_beam_width = cfg.beam_width
+    return Codec(config, cfg.ema_decay, cfg.dead_threshold)
 
 
 def _as_tuple(value) -> tuple:
@@ -226,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dead-threshold", type=float, default=d.dead_threshold,
                    help="EMA cluster size below which a codeword moves to a batch latent")  # fmt: skip
     g.add_argument("--kmeans-batches", type=int, default=d.kmeans_batches, help="batches for k-means initialisation")
+    g.add_argument("--beam-width", type=int, default=argparse.SUPPRESS,
+                   help="codes chosen by a beam search of this width over the codebooks' sums, in training and "
+                        "whenever the codec encodes (default: 1, greedy residual VQ; with --codec, its own)")
     g.add_argument("--commit-weight", type=float, default=d.commit_weight, help="commitment loss weight")
     g.add_argument("--quantize-prob", type=float, default=d.quantize_prob, help="chance that a warm-up step quantizes")
     g.add_argument("--quantize-warmup", type=int, default=argparse.SUPPRESS,

@@ -22,6 +22,10 @@ defaults: the kind of codes, coarse ones included, that the LM picks when it gen
 (`python -m musicgen_lite.evaluate hiss` shows how much hiss each kind makes). MODEL must have been
 trained on this codec's tokens. The encoder, codebooks and tokens are unchanged either way.
 
+With --beam-width W the codec searches its codes by beam search (`codebooks.rvq.beam_search_codes`), here
+and wherever the saved codec encodes: the codes of a recording land nearer its latents, while the
+codebooks, and so what any code sequence an LM draws decodes to, stay as they were.
+
 RUN receives the whole codec (transformers EncodecModel format) every --save-every steps and at the
 end, written aside and renamed; run again on the same RUN to go on from the decoder saved there (the
 optimisers start afresh, and so does the discriminator, which is not saved). Data, splits and validation segments are the codec trainer's.
@@ -39,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from transformers import EncodecModel
 
+from codebooks.codec import EncodecCodec
 from codebooks.rvq import swap_fine_codes
 from conditioning.chroma import MIN_PEAK, load_melody
 
@@ -76,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-noise", type=float, default=0.0, metavar="P",
                    help="chance that a training segment's codes are replaced by the codes --lm's LM draws for it "
                         "(teacher-forced on the true codes, guided by the segment's chromagram; default 0)")
+    p.add_argument("--beam-width", type=int, metavar="W",
+                   help="choose the codes by a beam search of width W over the codebooks' sums, in training and "
+                        "whenever the saved codec encodes (default: the codec's own; the codebooks stay the same)")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--valid-segments", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -115,9 +123,9 @@ def lm_drawn_codes(model: MusicGen, codes: torch.Tensor, wav: torch.Tensor, p: f
 
 
 @torch.no_grad()
-def evaluate(model: EncodecModel, segments: torch.Tensor, mel: MultiScaleMelLoss) -> tuple[float, float]:
+def evaluate(codec: EncodecCodec, segments: torch.Tensor, mel: MultiScaleMelLoss) -> tuple[float, float]:
     """(mean SI-SDR in dB, mean log-mel distance) of the decoded validation segments [M, 1, S]."""
-    recon = torch.cat([model(batch).audio_values[..., : batch.shape[-1]] for batch in segments.split(16)])
+    recon = torch.cat([codec.decode(codec.encode(batch))[..., : batch.shape[-1]] for batch in segments.split(16)])
     return float(np.mean(si_sdr(segments.flatten(1), recon.flatten(1)))), float(mel(recon, segments))
 
 
@@ -127,8 +135,11 @@ def tune(args: argparse.Namespace) -> None:
         model = EncodecModel.from_pretrained(start_from).float()
     model.requires_grad_(False)
     model.decoder.requires_grad_(True)
+    if args.beam_width is not None:
+        model.config.rvq_beam_width = args.beam_width
     rate = model.config.sampling_rate
     bandwidth = max(model.config.target_bandwidths)
+    codec = EncodecCodec(model, min(len(model.quantizer.layers), model.quantizer.get_num_quantizers_for_bandwidth(bandwidth)))
     data = load_audio_data(args.data, rate, 0.1)
     hop = int(np.prod(model.config.upsampling_ratios))
     length = max(1, round(args.segment_seconds * rate / hop)) * hop
@@ -140,13 +151,13 @@ def tune(args: argparse.Namespace) -> None:
     disc = MultiScaleSTFTDiscriminator(TrainConfig.disc_filters) if args.adversarial else None
     disc_optimizer = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9)) if disc is not None else None
     model.eval()
-    print(f"from {start_from}: valid SI-SDR {{:.2f}} dB, mel {{:.4f}}".format(*evaluate(model, segments, mel)), flush=True)
+    print(f"from {start_from}: valid SI-SDR {{:.2f}} dB, mel {{:.4f}}".format(*evaluate(codec, segments, mel)), flush=True)
     log = open(args.out / "log.csv", "a")
     started, step = time.perf_counter(), 0
     while step < args.max_steps and (args.time_limit is None or time.perf_counter() - started < 60 * args.time_limit):
         wav = sample_batch(data.train, args.batch_size, length, generator)  # [B, 1, S]
         with torch.no_grad():
-            codes = model.encode(wav, bandwidth=bandwidth).audio_codes[0]  # [B, K, T]
+            codes = codec.encode(wav)  # [B, K, T], searched as the codec encodes (its beam width)
             if args.code_noise > 0:
                 codes = swap_fine_codes(codes, args.code_noise, generator)
             if noise_lm is not None:
@@ -175,12 +186,12 @@ def tune(args: argparse.Namespace) -> None:
         step += 1
         model.decoder.eval()
         if step % args.save_every == 0 or step == args.max_steps:
-            sdr, distance = evaluate(model, segments, mel)
+            sdr, distance = evaluate(codec, segments, mel)
             print(f"step {step} | loss {loss.item():.4f} | valid SI-SDR {sdr:.2f} dB, mel {distance:.4f}", flush=True)
             log.write(f"{step},{time.perf_counter() - started:.1f},{loss.item():.5f},{sdr:.3f},{distance:.5f}\n")
             log.flush()
             save_encodec(model, args.out)
-    sdr, distance = evaluate(model, segments, mel)
+    sdr, distance = evaluate(codec, segments, mel)
     print(f"done at step {step}: valid SI-SDR {sdr:.2f} dB, mel {distance:.4f}; codec written to {args.out}", flush=True)
     save_encodec(model, args.out)
 
@@ -190,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not 0.0 <= args.code_noise <= 1.0:
             raise UsageError(f"--code-noise must lie in [0, 1], got {args.code_noise}")
+        if args.beam_width is not None and args.beam_width < 1:
+            raise UsageError(f"--beam-width must be >= 1, got {args.beam_width}")
         if not 0.0 <= args.lm_noise <= 1.0:
             raise UsageError(f"--lm-noise must lie in [0, 1], got {args.lm_noise}")
         if args.lm_noise > 0 and args.lm is None:
