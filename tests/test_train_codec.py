@@ -427,6 +427,7 @@ def test_adversarial_step_trains_codec_and_discriminator(tmp_path):
         (["--device", "nonsense"], "--device"),
         (["--ratios", "8,x"], "--ratios"),
         (["--lr-schedule", "linear"], "--lr-schedule"),
+        (["--beam-width", "0"], "--beam-width must be >= 1"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
@@ -604,6 +605,7 @@ def test_lm_noise_replaces_whole_rows_with_the_lms_draws(tiny_default_like_dir):
     (["--lm-noise", "0.5"], "--lm-noise needs --lm MODEL"),
     (["--lm-noise", "2"], "--lm-noise must lie in [0, 1], got 2.0"),
     (["--lm", "@tiny", "--lm-noise", "0.5"], "was not trained on this codec's tokens"),
+    (["--beam-width", "0"], "--beam-width must be >= 1, got 0"),
 ])
 def test_lm_noise_bad_input_is_one_line(tmp_path, capsys, tiny_default_like_dir, args, message):
     import train
