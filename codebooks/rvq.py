@@ -201,6 +201,27 @@ class EMACodebook(nn.Module):
             self.embed_avg[dead] = fresh * self.dead_threshold
             self.cluster_size[dead] = self.dead_threshold
 
+    @torch.no_grad()
+    def grow_from(self, other: nn.Module, spread: float = 1e-3) -> None:
+        """Take the codewords of a codebook `other` with C / m codewords (m a power of two) and split each
+        into m (the LBG split): codeword i of `other` becomes codewords i, i + C/m, ..., each moved by its own
+        random offset of `spread` times the codewords' RMS, with an m-th of its EMA count. The grown codebook
+        quantizes as the old one did (to within the offsets), and training pulls the copies apart onto the
+        halves of their cluster; a copy whose share falls below the dead-code threshold is replaced as usual.
+        """
+        small = other.embed.shape[0]
+        if self.size % small or (self.size // small) & (self.size // small - 1):
+            raise ValueError(f"cannot grow a codebook of {small} codewords to {self.size}: not a power-of-two multiple")
+        m = self.size // small
+        embed = other.embed.float().repeat(m, 1)  # [C, D]: codeword i + j * C/m is a copy of codeword i
+        rms = other.embed.float().pow(2).mean().sqrt()
+        offsets = torch.randn_like(embed) * spread * rms
+        offsets[:small] = 0  # the first copy keeps the codeword, so its code keeps its meaning
+        self.embed.copy_(embed + offsets)
+        self.cluster_size.copy_(other.cluster_size.float().repeat(m) / m)
+        self.embed_avg.copy_(self.embed * self.cluster_size[:, None])
+        self.inited.copy_(other.inited)
+
 
 @dataclass
 class RVQOutput:
@@ -294,7 +315,10 @@ class ResidualVQ(nn.Module):
         self._copy(quantizer, export=True)
 
     def import_from(self, quantizer: nn.Module) -> None:
-        """Take the codebooks and their EMA state from a transformers `EncodecResidualVectorQuantizer`."""
+        """Take the codebooks and their EMA state from a transformers `EncodecResidualVectorQuantizer`.
+
+        Codebooks smaller by a power of two are grown by splitting (`EMACodebook.grow_from`).
+        """
         self._copy(quantizer, export=False)
 
     @torch.no_grad()
@@ -303,6 +327,9 @@ class ResidualVQ(nn.Module):
             raise ValueError(f"the other quantizer has {len(quantizer.layers)} stages, this one {self.num_codebooks}")
         for ours, theirs in zip(self.layers, quantizer.layers):
             other = theirs.codebook
+            if not export and other.embed.shape[1] == ours.embed.shape[1] and other.embed.shape[0] < ours.size:
+                ours.grow_from(other)
+                continue
             if other.embed.shape != ours.embed.shape:
                 raise ValueError(f"codebook shape {tuple(other.embed.shape)} != ours {tuple(ours.embed.shape)}")
             for name in ("inited", "cluster_size", "embed", "embed_avg"):

@@ -79,6 +79,35 @@ def test_ema_update_moves_codewords_toward_the_mean_of_their_latents():
     assert book.embed[0].tolist() == pytest.approx([2.0, 2.0], abs=1e-3)
 
 
+def test_a_grown_codebook_quantizes_as_before_then_splits_its_clusters():
+    """Growing 4 codewords to 16 (LBG splits): the same quantization at first; EMA training then pulls the
+    copies apart, and the 16 codewords quantize the data better than the 4 could."""
+    torch.manual_seed(0)
+    centers = torch.tensor([[4.0, 0.0], [-4.0, 0.0], [0.0, 4.0], [0.0, -4.0]])
+    x = (centers[:, None] + torch.randn(4, 200, 2, generator=gen(1))).reshape(-1, 2)  # [800, 2]: 4 wide clusters
+    small = EMACodebook(size=4, dim=2, kmeans_iters=20, dead_threshold=0.0)
+    small.initialize(x)
+    grown = EMACodebook(size=16, dim=2, dead_threshold=0.0)
+    grown.grow_from(small)
+    assert grown.is_initialized
+    assert torch.equal(grown.embed[:4], small.embed)  # code i keeps its codeword ...
+    copies = grown.embed.view(4, 4, 2)  # [copy, codeword, D]
+    assert (copies - small.embed).abs().max() < 0.01 and not torch.equal(copies[1], copies[0])  # ... its copies are near
+    assert torch.allclose(grown.cluster_size, small.cluster_size.repeat(4) / 4)
+    assert torch.allclose(grown.embed_avg, grown.embed * grown.cluster_size[:, None])
+
+    def error(book):
+        return (x - book.decode(book.encode(x))).pow(2).sum(1).mean().item()
+
+    assert error(grown) == pytest.approx(error(small), rel=1e-2)
+    for _ in range(200):
+        grown.update(x, grown.encode(x))
+    assert error(grown) < 0.5 * error(small)
+    assert grown.encode(x).unique().numel() == 16  # every copy took a share of its cluster
+    with pytest.raises(ValueError, match="power-of-two multiple"):
+        EMACodebook(size=12, dim=2).grow_from(small)
+
+
 def test_dead_code_is_replaced_by_a_latent_from_the_batch():
     torch.manual_seed(0)
     book = EMACodebook(size=3, dim=2, decay=0.5, dead_threshold=0.1)
@@ -483,6 +512,33 @@ def test_a_codec_to_start_from_is_checked_in_one_line(tmp_path, capsys):
             shutil.copytree(source, tmp_path / "other")
         assert main(["--data", str(data), "--out", str(run), *small, "--max-steps", "2", *other]) == 2
         assert "holds a run started from" in capsys.readouterr().err
+
+
+def test_a_run_from_a_codec_can_grow_its_codebooks(tmp_path, capsys):
+    """--codebook-size 2x the codec's: every codeword is split in two, the K codebooks stay K (the bandwidth
+    grows by a bit per code), and the run resumes with the grown size; a smaller size is refused."""
+    data = write_dataset(tmp_path / "data", corrupt=False)
+    source = tmp_path / "codec"
+    codec = build_codec(TrainConfig(data="", out="", filters=4, hidden_size=8, codebook_size=64))
+    codec.quantizer.initialize(torch.randn(512, 8, generator=gen(0)))
+    codec.to_encodec().save_pretrained(source)
+    capsys.readouterr()
+    small = ["--segment-seconds", "0.2", "--batch-size", "2", "--valid-segments", "4", "--codec", str(source),
+             "--lr", "1e-12", "--ema-decay", "0.999999", "--dead-threshold", "0"]  # fmt: skip
+    run = tmp_path / "run"
+    assert main(["--data", str(data), "--out", str(run), *small, "--codebook-size", "32", "--max-steps", "1"]) == 2
+    assert "--codebook-size 32 differs from --codec" in capsys.readouterr().err
+
+    assert main(["--data", str(data), "--out", str(run), *small, "--codebook-size", "128", "--max-steps", "1"]) == 0
+    assert "4 x 128 codebooks" in capsys.readouterr().out
+    before, after = (EncodecModel.from_pretrained(d) for d in (source, run))
+    assert after.config.codebook_size == 128
+    assert after.quantizer.get_num_quantizers_for_bandwidth(max(after.config.target_bandwidths)) == 4
+    for old, new in zip(before.quantizer.layers, after.quantizer.layers):
+        old, new = old.codebook.embed, new.codebook.embed  # [64, 8], [128, 8]
+        assert torch.allclose(new[:64], old, atol=1e-4) and torch.allclose(new[64:], old, atol=0.05)
+    assert main(["--data", str(data), "--out", str(run), *small, "--codebook-size", "128", "--max-steps", "2"]) == 0
+    assert "resuming from step 1" in capsys.readouterr().out
 
 
 def test_missing_or_empty_data_is_one_line_and_exit_2(tmp_path, capsys):

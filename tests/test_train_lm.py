@@ -30,6 +30,7 @@ from musicgen_lite import audio_data
 from musicgen_lite.training import checkpoints as ckpt
 from musicgen_lite.training import lm as train_lm
 from musicgen_lite.training import lm_batches, lm_config, lm_model
+from musicgen_lite.training.codec_config import TrainConfig as CodecTrainConfig, build_codec, read_source_config
 from musicgen_lite.training.retarget import code_counts, retarget
 from musicgen_lite.audio_data import TokenCache, chroma_span, scan
 from musicgen_lite.cli_errors import UsageError
@@ -312,6 +313,43 @@ def test_a_model_moved_onto_a_relabelled_codec_plays_the_same_music(tiny_musicge
     np.testing.assert_allclose(after.audio, before.audio, atol=1e-5)
     with pytest.raises(UsageError, match="an LM moves only between codecs of one layout"):
         retarget(model, EncodecCodec.from_pretrained(fitted, num_codebooks=2), scan(data, 0.0))
+
+
+def test_a_model_moved_onto_its_codec_with_grown_codebooks_keeps_each_codes_rows(tiny_musicgen_dir,
+                                                                                noise_data_and_codec, tmp_path):
+    """Codebooks grown by splitting (train.py codec --codec C --codebook-size 2C) hold each codeword twice: code
+    i and its copy i + C. Each copy the audio uses coincides with its original alone, so the moved LM gives it
+    the original's embedding and head row; the original codes decode to the same audio as before."""
+    data, fitted = noise_data_and_codec
+    model = musicgen_lite.load_model(tiny_musicgen_dir, precision="fp32")
+    model.codec = EncodecCodec.from_pretrained(fitted)
+    size = model.codec.codebook_size
+    cfg = CodecTrainConfig(data="", out="", codec=str(fitted), codebook_size=2 * size)
+    source = read_source_config(str(fitted))
+    cfg.start_from(source)
+    grown = build_codec(cfg, source)
+    torch.manual_seed(0)  # the copies' offsets
+    grown.load_encodec(model.codec.model)
+    grown.to_encodec().save_pretrained(tmp_path / "grown")
+    codec = EncodecCodec.from_pretrained(tmp_path / "grown")
+    assert codec.codebook_size == 2 * size and codec.num_codebooks == 4
+    tokens = musicgen_lite.generate("mozart sonata", duration=0.6, model=model, seed=0).tokens  # [1, K, T]
+    np.testing.assert_allclose(codec.decode(torch.from_numpy(tokens)), model.codec.decode(torch.from_numpy(tokens)),
+                               atol=1e-5)
+
+    counts = code_counts(model.codec, codec, scan(data, 0.0), 60.0)  # [K, 2C, C]
+    old_embed, old_heads = [e.weight.clone() for e in model.lm.embed], model.lm.heads.weight.view(4, size, -1).clone()
+    retarget(model, codec, scan(data, 0.0))
+    heads = model.lm.heads.weight.view(4, 2 * size, -1)
+    original = torch.arange(2 * size) % size  # code i and its copy i + C hold the same codeword
+    same = counts[:, torch.arange(2 * size), original].sum(dim=1) / counts.sum(dim=(1, 2))  # [K]
+    assert (same > 0.9).all()  # a latent on a boundary between codewords may go to a neighbour's copy
+    assert (counts[:, size:].sum(dim=(1, 2)) > 0.2 * counts.sum(dim=(1, 2))).all()  # the copies are used
+    for k in range(4):  # a code that coincides with its original alone takes the original's rows
+        for code in (counts[k].count_nonzero(dim=1) == 1).nonzero().flatten().tolist():
+            if counts[k, code, code % size] > 0:
+                torch.testing.assert_close(model.lm.embed[k].weight[code], old_embed[k][code % size])
+                torch.testing.assert_close(heads[k, code], old_heads[k, code % size])
 
 
 @pytest.mark.slow

@@ -23,6 +23,9 @@ With --codec DIR a run starts from a trained codec instead (a mono transformers 
 normalisation or chunks: its architecture, weights, codebooks and their EMA state; no k-means, no
 warm-ups), e.g. to fine-tune it on other audio or continue it at another rate. Its codes then drift
 from the original's, so an LM trained on those moves with it: `train.py lm --model M --codec C`.
+A --codebook-size that is a power-of-two multiple of the codec's grows its codebooks: each
+codeword is split into copies a hair apart that training pulls onto parts of its cluster (one bit
+more per code for each doubling, the same K codebooks).
 
 The run directory RUN holds:
     config.json, model.safetensors   the codec in transformers format, refreshed at every

@@ -24,6 +24,7 @@ OLD_DEFAULTS = {"causal": True}  # runs saved before a field existed were traine
 LR_SCHEDULES = ("constant", "cosine")
 LR_FLOOR = 0.1  # where the cosine schedule ends, as a fraction of --lr
 WARMUP_STEPS = 1000  # default quantizer warm-up and mel ramp of a codec trained from scratch (none from --codec)
+DEFAULT_CODEBOOK_SIZE = 1024  # codewords per codebook of a codec trained from scratch
 
 
 @dataclass
@@ -38,7 +39,7 @@ class TrainConfig:
     hidden_size: int = 64  # latent width D
     lstm_layers: int = 1
     codebooks: int = 4  # K
-    codebook_size: int = 1024  # C
+    codebook_size: int | None = None  # C (None: DEFAULT_CODEBOOK_SIZE, or --codec's own)
     causal: bool = False  # causal convolutions (streamable) or centred ones (MusicGen's 32 kHz EnCodec)
     # quantizer
     ema_decay: float = 0.99
@@ -90,12 +91,18 @@ class TrainConfig:
         for name in ("quantize_warmup", "mel_ramp_steps"):
             if getattr(self, name) is None:
                 setattr(self, name, 0 if self.codec else WARMUP_STEPS)
+        if self.codebook_size is None and not self.codec:
+            self.codebook_size = DEFAULT_CODEBOOK_SIZE
 
     def start_from(self, source: EncodecConfig) -> None:
         """Take the architecture of the trained codec the run starts from; an architecture option given
-        with another value is an error."""
+        with another value is an error, but for a --codebook-size a power-of-two multiple of the codec's
+        (its codebooks are grown by splitting each codeword)."""
         for name, value in architecture_of(source).items():
             given = getattr(self, name)
+            if name == "codebook_size" and (given is None or (given > value and given % value == 0)):
+                self.codebook_size = given or value  # validate() checks that a grown size is a power of two
+                continue
             if _as_tuple(given) not in (_as_tuple(value), _as_tuple(getattr(TrainConfig, name))):
                 raise UsageError(f"{flag(name)} {_fmt(given)} differs from --codec {self.codec}'s {_fmt(value)}; "
                                  "leave it out: the codec sets the architecture")
@@ -185,7 +192,13 @@ def read_source_config(path: str) -> EncodecConfig:
 
 def build_codec(cfg: TrainConfig, config: EncodecConfig | None = None) -> Codec:
     """A trainable codec of `config` (a codec started from), else of the architecture options."""
-    config = copy.deepcopy(config) if config is not None else encodec_config(cfg)
+    if config is not None:
+        config = copy.deepcopy(config)
+        if config.codebook_size != cfg.codebook_size:  # grown codebooks: more bits per code, the same K codebooks
+            config.codebook_size = cfg.codebook_size
+            config.target_bandwidths = encodec_config(cfg).target_bandwidths
+    else:
+        config = encodec_config(cfg)
     if cfg.beam_width is not None:
         config.rvq_beam_width = cfg.beam_width
     return Codec(config, cfg.ema_decay, cfg.dead_threshold)
@@ -225,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-size", type=int, default=d.hidden_size, help="latent width")
     g.add_argument("--lstm-layers", type=int, default=d.lstm_layers, help="LSTM layers in encoder and decoder")
     g.add_argument("--codebooks", type=int, default=d.codebooks, help="RVQ codebooks K")
-    g.add_argument("--codebook-size", type=int, default=d.codebook_size, help="codewords per codebook (power of 2)")
+    g.add_argument("--codebook-size", type=int, default=d.codebook_size,
+                   help=f"codewords per codebook, a power of 2 (default {DEFAULT_CODEBOOK_SIZE}; from --codec, its own, "
+                        "or a multiple of it: each codeword is split)")
     g.add_argument("--causal", action=argparse.BooleanOptionalAction, default=d.causal,
                    help="causal convolutions (default: centred, as MusicGen's 32 kHz EnCodec)")
     g = p.add_argument_group("quantizer")
