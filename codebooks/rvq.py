@@ -79,11 +79,13 @@ def _beam_search(x: Tensor, embeds: list[Tensor], width: int) -> Tensor:
     error = residual.pow(2).sum(-1)  # [N, b]
     codes = x.new_zeros(N, 1, 0, dtype=torch.long)  # [N, b, k]
     for embed in embeds:
-        C = embed.shape[0]
-        # |r - e_c|^2 = |r|^2 - 2 r.e_c + |e_c|^2 for every kept residual r and codeword c: [N, b, C]
-        candidates = error[:, :, None] - 2 * residual @ embed.t() + embed.pow(2).sum(1)
-        error, flat = candidates.flatten(1).topk(min(width, candidates[0].numel()), dim=1, largest=False)  # [N, b']
-        parent, code = flat // C, flat % C
+        b, w = residual.shape[1], min(width, embed.shape[0])
+        # |r - e_c|^2 - |r|^2 = |e_c|^2 - 2 r.e_c for every kept residual r and codeword c, one matmul: [N, b, C]
+        dist = torch.addmm(embed.pow(2).sum(1), residual.reshape(-1, D), embed.t(), alpha=-2).view(N, b, -1)
+        # Only a residual's own w nearest codewords can be among the w best continuations overall.
+        nearest, code = dist.topk(w, dim=2, largest=False)  # [N, b, w]
+        error, flat = (error[:, :, None] + nearest).flatten(1).topk(min(width, b * w), dim=1, largest=False)  # [N, b']
+        parent, code = flat // w, code.flatten(1).gather(1, flat)
         residual = residual.gather(1, parent[..., None].expand(-1, -1, D)) - embed[code]
         codes = torch.cat([codes.gather(1, parent[..., None].expand(-1, -1, codes.shape[2])), code[..., None]], 2)
     return codes[torch.arange(N), error.argmin(1)]  # [N, K]
