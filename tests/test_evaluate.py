@@ -352,3 +352,29 @@ def test_codec_report_without_ffmpeg_says_so_and_leaves_opus_out(tiny_melody_dir
     report = json.loads(out.read_text())
     assert report["codec"]["opus"] is None and "ffmpeg" in report["codec"]["opus_missing"]
     assert "opus_si_sdr_db" not in report["codec"]["files"][0] and set(report["sections"]) == {"codec"}
+
+
+def test_codec_section_scores_a_codec_of_another_size_in_place_of_the_models(tiny_melody_dir, tiny_data_dir, tmp_path,
+                                                                            capsys):
+    from transformers import EncodecModel
+
+    from codebooks.codec import EncodecCodec
+
+    config = musicgen_lite.load_model(tiny_melody_dir).codec.model.config
+    bits = math.log2(config.codebook_size)
+    config.codebook_size *= 2  # what train.py codec --codebook-size grows to: the model's LM cannot load it
+    config.target_bandwidths = [b * (bits + 1) / bits for b in config.target_bandwidths]  # the same K codebooks
+    EncodecCodec(EncodecModel(config)).save_pretrained(tmp_path / "grown")
+    args = ["codec", "--model", str(tiny_melody_dir), "--data", str(tiny_data_dir), "--seconds", "1"]
+    own, grown = tmp_path / "own.json", tmp_path / "grown.json"
+    assert ev.main([*args, "--out", str(own)]) == 0
+    assert ev.main([*args, "--codec", str(tmp_path / "grown"), "--out", str(grown)]) == 0
+    own, grown = json.loads(own.read_text()), json.loads(grown.read_text())
+    assert grown["codec_dir"] == str(tmp_path / "grown") and "codec_dir" not in own
+    assert grown["codec"]["bitrate_kbps"] == pytest.approx(own["codec"]["bitrate_kbps"] * (bits + 1) / bits)
+    assert [f["path"] for f in grown["codec"]["files"]] == [f["path"] for f in own["codec"]["files"]]
+    capsys.readouterr()
+    assert ev.main(["lm", "--model", str(tiny_melody_dir), "--data", str(tiny_data_dir), "--codec", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert ev.main([*args, "--codec", str(tmp_path / "none")]) == 2
+    assert "no EnCodec checkpoint" in capsys.readouterr().err

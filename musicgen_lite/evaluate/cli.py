@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from codebooks.audio import replacing
+from codebooks.codec import EncodecCodec
 
 from ..checkpoints import load_model
 from ..cli_errors import ArgumentParser, UsageError, run_command
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=_positive(int), default=4,
                    help="prompts per condition for melody and text (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the hums and of generation (default 0)")
+    p.add_argument("--codec", type=Path, help="codec section only: score this codec directory in place of the "
+                                              "model's (e.g. one with grown codebooks, before an LM is moved onto it)")
     return p
 
 
@@ -64,8 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         if needs_data(args.section) and args.data is None:  # before the (slow) model load
             raise UsageError(f"--data is needed for {' and '.join(needs_data(args.section))}")
-        report = {"model": str(args.model)} | run_sections(args.section, _load(args.model), args.data, args.split,
-                                                        args.max_files, args.seconds, args.prompts, args.seed)
+        if args.codec is not None and args.section != "codec":
+            raise UsageError("--codec replaces the model's codec for the codec section only")
+        model = _load(args.model)
+        if args.codec is not None:
+            model.codec = _load_codec(args.codec)
+        report = {"model": str(args.model)} | ({"codec_dir": str(args.codec)} if args.codec else {}) | run_sections(
+            args.section, model, args.data, args.split, args.max_files, args.seconds, args.prompts, args.seed)
         return show(report, format_table(report), args.out)
 
     return run_command(parser.prog, body, "interrupted; nothing written")
@@ -77,6 +85,14 @@ def _load(model: str) -> MusicGen:
         return load_model(model)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
+
+
+def _load_codec(path: Path) -> EncodecCodec:
+    """A codec directory (config.json + weights), its errors raised as one-line usage errors."""
+    try:
+        return EncodecCodec.from_pretrained(path)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--codec {path}: {e}") from None
 
 
 def show(report: dict, table: str, out: Path | None) -> int:
