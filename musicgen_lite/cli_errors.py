@@ -13,10 +13,25 @@ import argparse
 import gc
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from codebooks.codec import EncodecCodec
 
 
 class UsageError(Exception):
     """Bad input on the command line or in the files it names: one line, exit code 2, nothing written."""
+
+
+def load_codec(path: str | Path) -> EncodecCodec:
+    """`--codec DIR` (train.py lm, python -m musicgen_lite.evaluate): the codec there, or a UsageError."""
+    from codebooks.codec import EncodecCodec  # here, so that entry points without --codec do not import it
+
+    try:
+        return EncodecCodec.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load --codec {path}: {str(e).splitlines()[0]}") from None
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 
 from codebooks.audio import replacing
-from codebooks.codec import EncodecCodec
 
 from ..checkpoints import load_model
-from ..cli_errors import ArgumentParser, UsageError, run_command
+from ..cli_errors import ArgumentParser, UsageError, load_codec, run_command
 from ..model import MusicGen
 from ..quiet import silence_transformers
 from . import hiss, pairs
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--codec replaces the model's codec for the codec section only")
         model = _load(args.model)
         if args.codec is not None:
-            model.codec = _load_codec(args.codec)
+            model.codec = load_codec(args.codec)
         report = {"model": str(args.model)} | ({"codec_dir": str(args.codec)} if args.codec else {}) | run_sections(
             args.section, model, args.data, args.split, args.max_files, args.seconds, args.prompts, args.seed)
         return show(report, format_table(report), args.out)
@@ -85,14 +84,6 @@ def _load(model: str) -> MusicGen:
         return load_model(model)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
-
-
-def _load_codec(path: Path) -> EncodecCodec:
-    """A codec directory (config.json + weights), its errors raised as one-line usage errors."""
-    try:
-        return EncodecCodec.from_pretrained(path)
-    except (ValueError, OSError) as e:
-        raise UsageError(f"--codec {path}: {e}") from None
 
 
 def show(report: dict, table: str, out: Path | None) -> int:

@@ -12,14 +12,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codebooks.audio import move_entries
-from codebooks.codec import EncodecCodec
 from conditioning.chroma import ChromaConditioner, ChromaExtractor
 from conditioning.null import drop_conditions
 from conditioning.text import T5Conditioner
 
 from ..audio_data import AudioFile
 from ..checkpoints import load_model, state_digest
-from ..cli_errors import UsageError
+from ..cli_errors import UsageError, load_codec
 from ..lm import LMConfig, TransformerLM
 from ..model import MusicGen, layout_conditions
 from .lm_batches import chroma_frames
@@ -33,13 +32,6 @@ def init_weights(lm: TransformerLM) -> None:
         if p.ndim == 2:
             std = 0.02 / math.sqrt(2 * lm.cfg.num_layers) if name.endswith(("out.weight", "fc2.weight")) else 0.02
             nn.init.normal_(p, 0.0, std)
-
-
-def load_codec(path: str) -> EncodecCodec:
-    try:
-        return EncodecCodec.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load --codec {path}: {str(e).splitlines()[0]}") from None
 
 
 def build_base(cfg: Config, files: list[AudioFile], path: Path) -> str | None:
